@@ -1,0 +1,125 @@
+"""An asyncio front for `Engine`: a background thread runs the engine loop; each request is an async
+iterator of frames. Used by the Serve deployment, the benchmarks and the CLI.
+
+The thread sleeps while there is no work. Frames reach their consumer through the consumer's own event
+loop (`call_soon_threadsafe`), so any number of event loops may share one engine. Leaving an iterator
+early (break, cancellation, an exception) cancels the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from csm.engine import Engine, FrameEvent, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Consumer:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[FrameEvent | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine.setup()
+        self._consumers: dict[str, _Consumer] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+        self._thread.start()
+
+    def generate(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        max_frames: int,
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[np.ndarray]:
+        """Frames ([num_codebooks] int64 arrays) as they are made: `async for frame in engine.generate(...)`.
+
+        Call it from a running event loop. EngineFull and ValueError are raised here, before any frame.
+        """
+        consumer = _Consumer(asyncio.get_running_loop(), asyncio.Queue())
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:  # registered before the engine can make its first frame
+            if request_id in self._consumers:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._consumers[request_id] = consumer
+        try:
+            self.engine.add(tokens, mask, max_frames, sampling, request_id)
+        except BaseException:
+            with self._lock:
+                self._consumers.pop(request_id, None)
+            raise
+        self._wake.set()
+        return self._frames(request_id, consumer)
+
+    async def _frames(self, request_id: str, consumer: _Consumer) -> AsyncIterator[np.ndarray]:
+        finished = False
+        try:
+            while True:
+                item = await consumer.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.codes is not None:
+                    yield item.codes
+                if item.done:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._consumers.pop(request_id, None)
+            if not finished:
+                self.engine.cancel(request_id)
+                self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a failed step must not leave consumers waiting forever
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            with self._lock:
+                targets = [(ev, self._consumers.get(ev.request_id)) for ev in events]
+            for ev, consumer in targets:
+                if consumer is not None:
+                    self._deliver(ev.request_id, consumer, ev)
+
+    def _deliver(self, request_id: str, consumer: _Consumer, item: FrameEvent | BaseException) -> None:
+        try:
+            consumer.loop.call_soon_threadsafe(consumer.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
+            with self._lock:
+                self._consumers.pop(request_id, None)
+            self.engine.cancel(request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            consumers = list(self._consumers.items())
+        for request_id, consumer in consumers:
+            self.engine.cancel(request_id)
+            self._deliver(request_id, consumer, RuntimeError(f"generation failed: {error}"))
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,127 @@
+"""Prompts: segments (speaker, text, audio codes) to 33-wide rows, exactly as the reference builds them,
+and the context policy that keeps the newest whole segments that fit.
+
+A segment is its text rows (`[{speaker}]{text}` wrapped in BOS/EOS, one token per row in the text column)
+then its audio rows (32 codes each) then one all-zero EOS audio row. The prompt is the context segments
+followed by the text rows of the utterance to speak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from csm.presets import ModelArgs
+from csm.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class Segment:
+    speaker: int
+    text: str
+    codes: Tensor | None = None  # [frames, num_codebooks] Mimi codes, or None for a text-only segment
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: Tensor  # [T, num_codebooks + 1] long
+    mask: Tensor  # [T, num_codebooks + 1] bool
+    n_context: int  # how many context segments made it in
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: TextTokenizer, args: ModelArgs, num_speakers: int = 16) -> None:
+        if tokenizer.vocab_size > args.text_vocab_size:
+            raise ValueError(
+                f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({args.text_vocab_size})"
+            )
+        self.tokenizer = tokenizer
+        self.args = args
+        self.num_speakers = num_speakers
+        self._width = args.num_codebooks + 1
+
+    def _check_speaker(self, speaker: object) -> int:
+        if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker < self.num_speakers:
+            raise ValueError(f"unknown speaker {speaker!r}: speakers are integers 0..{self.num_speakers - 1}")
+        return speaker
+
+    def text_rows(self, speaker: int, text: str) -> tuple[Tensor, Tensor]:
+        self._check_speaker(speaker)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text is empty")
+        ids = self.tokenizer.encode(f"[{speaker}]{text}")
+        tokens = torch.zeros(len(ids), self._width, dtype=torch.long)
+        mask = torch.zeros(len(ids), self._width, dtype=torch.bool)
+        tokens[:, -1] = torch.tensor(ids, dtype=torch.long)
+        mask[:, -1] = True
+        return tokens, mask
+
+    def audio_rows(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        n = self.args.num_codebooks
+        if not isinstance(codes, Tensor):
+            raise ValueError(f"audio codes must be a tensor, got {type(codes).__name__}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"audio codes must be integers, got {codes.dtype}")
+        if codes.ndim != 2 or codes.shape[1] != n:
+            raise ValueError(f"audio codes must be [frames, {n}], got {list(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.args.codebook_size):
+            bad = codes[(codes < 0) | (codes >= self.args.codebook_size)][0].item()
+            raise ValueError(f"audio code {bad} out of range [0, {self.args.codebook_size})")
+        frames = codes.shape[0]
+        tokens = torch.zeros(frames + 1, self._width, dtype=torch.long)  # + the all-zero EOS frame
+        mask = torch.zeros(frames + 1, self._width, dtype=torch.bool)
+        tokens[:frames, :n] = codes.to(torch.long).cpu()
+        mask[:, :n] = True
+        return tokens, mask
+
+    def segment_rows(self, segment: Segment) -> tuple[Tensor, Tensor]:
+        tokens, mask = self.text_rows(segment.speaker, segment.text)
+        if segment.codes is None:
+            return tokens, mask
+        at, am = self.audio_rows(segment.codes)
+        return torch.cat([tokens, at]), torch.cat([mask, am])
+
+    def build(
+        self,
+        context: Sequence[Segment],
+        speaker: int,
+        text: str,
+        max_frames: int,
+        keep_first: int = 0,
+    ) -> Prompt:
+        """The prompt for speaking `text` as `speaker` after `context`, leaving room for `max_frames`.
+
+        Keeps the first `keep_first` segments (a voice's reference) when they fit, then the newest whole
+        segments that fit; older ones are dropped. A long conversation never raises; bad input does.
+        """
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        tail_tokens, tail_mask = self.text_rows(speaker, text)
+        budget = self.args.max_seq_len - max_frames - tail_tokens.shape[0]
+        if budget < 0:
+            raise ValueError(
+                f"text is too long: {tail_tokens.shape[0]} rows + {max_frames} reply frames exceed the "
+                f"model's {self.args.max_seq_len} positions"
+            )
+        rows = [self.segment_rows(s) for s in context]  # validates every segment, kept or not
+        pinned = min(keep_first, len(rows))
+        pinned_len = sum(r[0].shape[0] for r in rows[:pinned])
+        if pinned_len > budget:
+            pinned, pinned_len = 0, 0
+        budget -= pinned_len
+        newest: list[tuple[Tensor, Tensor]] = []
+        for r in reversed(rows[pinned:]):
+            if r[0].shape[0] > budget:
+                break
+            budget -= r[0].shape[0]
+            newest.append(r)
+        kept = rows[:pinned] + newest[::-1]
+        tokens = torch.cat([r[0] for r in kept] + [tail_tokens])
+        mask = torch.cat([r[1] for r in kept] + [tail_mask])
+        return Prompt(tokens=tokens, mask=mask, n_context=len(kept))

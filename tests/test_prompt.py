@@ -1,0 +1,94 @@
+"""Prompt rows exactly as the reference builds them; the context policy keeps the newest whole segments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csm.presets import preset
+from csm.prompt import PromptBuilder, Segment
+from csm.tokenizer import ByteTokenizer
+
+
+@pytest.fixture
+def builder():
+    return PromptBuilder(ByteTokenizer(), preset("tiny"))
+
+
+def codes(n, value=5):
+    return torch.full((n, 32), value, dtype=torch.long)
+
+
+def test_segment_layout_matches_the_reference(builder):
+    tokens, mask = builder.segment_rows(Segment(1, "hi", codes(3, 7)))
+    text_ids = [256, *b"[1]hi", 257]  # BOS [1]hi EOS
+    n_text = len(text_ids)
+    assert tokens.shape == (n_text + 3 + 1, 33)
+    assert tokens[:n_text, -1].tolist() == text_ids
+    assert mask[:n_text].tolist() == [[False] * 32 + [True]] * n_text  # text rows: only the text column
+    assert (tokens[n_text : n_text + 3, :32] == 7).all()
+    assert (tokens[-1] == 0).all()  # the all-zero EOS frame
+    assert mask[n_text:].tolist() == [[True] * 32 + [False]] * 4  # audio rows incl. EOS: only audio columns
+
+
+def test_prompt_is_context_then_text_rows_of_the_reply(builder):
+    p = builder.build([Segment(0, "a", codes(2)), Segment(1, "b", codes(2))], 0, "reply", max_frames=10)
+    seg_rows = [builder.segment_rows(s)[0] for s in (Segment(0, "a", codes(2)), Segment(1, "b", codes(2)))]
+    tail = builder.text_rows(0, "reply")[0]
+    assert torch.equal(p.tokens, torch.cat([*seg_rows, tail]))
+    assert p.n_context == 2
+
+
+def test_long_context_drops_oldest_whole_segments(builder):
+    segs = [Segment(i % 2, f"turn {i}", codes(100, i + 1)) for i in range(40)]  # ~4400 rows > 2048
+    p = builder.build(segs, 0, "and now?", max_frames=200)
+    assert len(p) <= 2048 - 200
+    kept = segs[-p.n_context :]
+    expected = torch.cat([builder.segment_rows(s)[0] for s in kept] + [builder.text_rows(0, "and now?")[0]])
+    assert torch.equal(p.tokens, expected)  # the newest ones, whole, in order
+    assert 0 < p.n_context < 40
+
+
+def test_pinned_voice_segment_survives_truncation(builder):
+    voice = Segment(0, "this is my voice", codes(20, 9))
+    segs = [voice] + [Segment(i % 2, f"turn {i}", codes(100, i + 1)) for i in range(40)]
+    p = builder.build(segs, 0, "hello", max_frames=100, keep_first=1)
+    voice_rows = builder.segment_rows(voice)[0]
+    assert torch.equal(p.tokens[: len(voice_rows)], voice_rows)
+    assert len(p) <= 2048 - 100
+
+
+def test_empty_context_and_text_only_segments(builder):
+    p = builder.build([Segment(1, "typed words")], 0, "ok", max_frames=4)
+    assert len(p) == len(builder.text_rows(1, "typed words")[0]) + len(builder.text_rows(0, "ok")[0])
+
+
+@pytest.mark.parametrize(
+    ("segment", "message"),
+    [
+        (Segment(0, "", None), "text is empty"),
+        (Segment(0, "   ", None), "text is empty"),
+        (Segment(99, "hi", None), "unknown speaker 99"),
+        (Segment(-1, "hi", None), "unknown speaker"),
+        (Segment("0", "hi", None), "unknown speaker"),  # type: ignore[arg-type]
+        (Segment(0, "hi", torch.full((2, 32), 2048)), "out of range"),
+        (Segment(0, "hi", torch.full((2, 32), -1)), "out of range"),
+        (Segment(0, "hi", torch.zeros(2, 31, dtype=torch.long)), r"\[frames, 32\]"),
+        (Segment(0, "hi", torch.zeros(2, 32, 1, dtype=torch.long)), r"\[frames, 32\]"),
+        (Segment(0, "hi", torch.zeros(2, 32)), "integers"),
+    ],
+)
+def test_bad_segments_raise_clear_errors(builder, segment, message):
+    with pytest.raises(ValueError, match=message):
+        builder.build([segment], 0, "reply", max_frames=4)
+
+
+def test_bad_reply_requests_raise(builder):
+    with pytest.raises(ValueError, match="text is empty"):
+        builder.build([], 0, "", max_frames=4)
+    with pytest.raises(ValueError, match="unknown speaker"):
+        builder.build([], 16, "hi", max_frames=4)
+    with pytest.raises(ValueError, match="too long"):
+        builder.build([], 0, "x" * 3000, max_frames=4)
+    with pytest.raises(ValueError, match="max_frames"):
+        builder.build([], 0, "hi", max_frames=0)
