@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv
+.PHONY: demo test lint bench venv system-deps
 
 venv: $(STAMP)
 
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Debian packages the tests use (espeak-ng speaks test sentences). CI runs as root on Debian.
+system-deps:
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
+
 demo: $(STAMP)
 	$(PY) -m csm.cli generate --preset tiny --streams 4 --frames 24
 
@@ -21,8 +25,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check csm tests bench
 	$(PY) -m ruff format --check csm tests bench
 
-test: $(STAMP) lint
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+	$(PY) bench/codec.py --threads 1

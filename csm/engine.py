@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from csm.model import CSM, CacheView
-from csm.sampling import gumbel_noise, sample
+from csm.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -398,9 +398,7 @@ class Engine:
         dev = self.device
         pos, active = st.pos[:b], st.active[:b]
         temp, top_k, seed = st.temperature[:b], st.top_k[:b], st.seed[:b]
-        # Noise for all codebooks of this frame at once; step = frame * n_cb + codebook.
-        steps = st.frame[:b, None] * n_cb + torch.arange(n_cb, device=dev)
-        noise = gumbel_noise(seed, steps, self.args.audio_vocab_size)  # [b, n_cb, V]
+        step0 = st.frame[:b] * n_cb  # sampling noise counter: frame * n_cb + codebook
 
         write = torch.where(active, pos, self._scratch_pos)[:, None]
         attn_mask = (torch.arange(kv_len, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
@@ -411,13 +409,13 @@ class Engine:
             st.v,
             CacheView(slice(0, b), write, kv_len, attn_mask),
         )[:, 0]
-        c = sample(m.codebook0_head(h), temp, top_k, k_max, noise[:, 0])
+        c = sample(m.codebook0_head(h), temp, top_k, k_max, seed, step0)
         codes = [c]
         x = m.projection(torch.stack([h, m.embed_audio(0, c).to(h.dtype)], dim=1))  # [b, 2, decoder dim]
         dpos = torch.arange(2, device=dev).expand(b, 2)
         for i in range(1, n_cb):
-            out = m.decoder(x, dpos, st.dk, st.dv, CacheView(slice(0, b), dpos, i + 1, None))
-            c = sample(m.codebook_logits(i, out[:, -1]), temp, top_k, k_max, noise[:, i])
+            out = m.decoder(x, dpos, st.dk, st.dv, CacheView(slice(0, b), 0 if i == 1 else i, i + 1, None))
+            c = sample(m.codebook_logits(i, out[:, -1]), temp, top_k, k_max, seed, step0 + i)
             codes.append(c)
             if i < n_cb - 1:
                 x = m.projection(m.embed_audio(i, c).to(h.dtype))[:, None]

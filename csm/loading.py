@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from csm.model import CSM
+from csm.model import CSM, fuse_projections, split_projections
 from csm.presets import ModelArgs, RopeScaling, TransformerArgs, flavor, preset
 
 _DTYPES = {
@@ -285,7 +285,8 @@ def load_model(
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = CSM(args)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Checked against the checkpoint layout (q/k/v and gate/up apart); fused once everything is read.
+    expected = {k: tuple(v.shape) for k, v in split_projections(model.state_dict(), args).items()}
     heads = {
         "q_proj": (args.backbone.n_heads, args.decoder.n_heads),
         "k_proj": (args.backbone.n_kv_heads, args.decoder.n_kv_heads),
@@ -324,7 +325,7 @@ def load_model(
         problems.append(f"missing tensors: {', '.join(missing)}")
     if problems:
         raise ValueError(f"{path} ({fmt} format): " + " | ".join(problems))
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(fuse_projections(state), strict=True, assign=True)
     model.init_buffers(device)
     return LoadedModel(model.eval(), fmt, str(path))
 

@@ -26,10 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and scale in the input dtype, as the reference and transformers do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(args: TransformerArgs) -> Tensor:
@@ -72,48 +69,61 @@ class CacheView:
     """Where one forward reads and writes a layer's KV cache ([S, Hkv, T_max, D] tensors).
 
     `rows` picks the cache rows (slots) of the batch: a slice (a view, no copy) or an index tensor.
-    Query token (b, t) is written at `write_pos[b, t]`; a caller points tokens that must leave no trace
-    (inactive slots, padding) at a scratch column that no mask ever exposes. Keys `[0, kv_len)` are read,
-    filtered by `mask` ([B, 1, T, kv_len] bool, or None for full causal over a fresh span).
+    `write` says where the new keys go: an int is the start of a span shared by every row (the depth
+    decoder), a [B, T] tensor gives each token its own position; a caller points tokens that must leave
+    no trace (inactive slots, padding) at a scratch column no mask exposes. Keys `[0, kv_len)` are read,
+    filtered by `mask` ([B, 1, T, kv_len] bool, or None for plain causal over a span starting at 0).
     """
 
     rows: slice | Tensor
-    write_pos: Tensor  # [B, T] long
+    write: int | Tensor
     kv_len: int
     mask: Tensor | None
+    row_index: Tensor | None = None  # [B, 1], derived: computed once, used by every layer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.write, Tensor):
+            rows = self.rows
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=self.write.device)
+            self.row_index = rows[:, None]
+        elif not isinstance(self.rows, slice):
+            raise ValueError("a span write needs contiguous rows")
+
+    def update(self, cache: Tensor, new: Tensor) -> Tensor:
+        """Write `new` ([B, Hkv, T, D]) into `cache` ([S, Hkv, T_max, D]); return the keys to attend."""
+        if isinstance(self.write, int):
+            cache[self.rows, :, self.write : self.write + new.shape[2]] = new
+        else:
+            # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
+            cache[self.row_index, :, self.write] = new.transpose(1, 2)
+        return cache[self.rows, :, : self.kv_len]
 
 
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        # q, k and v in one matmul (checkpoints store them apart; see `fuse_projections`).
+        self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
-    ):
+    ) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        rows = view.rows
-        if isinstance(rows, slice):
-            idx_rows = torch.arange(rows.start, rows.stop, device=x.device)[:, None]
-        else:
-            idx_rows = rows[:, None]
-        # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
-        k_cache[idx_rows, :, view.write_pos] = k.transpose(1, 2)
-        v_cache[idx_rows, :, view.write_pos] = v.transpose(1, 2)
-        keys = k_cache[rows, :, : view.kv_len]
-        values = v_cache[rows, :, : view.kv_len]
+        h, hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, : h + hkv], *rope)  # q and k rotated together
+        keys = view.update(k_cache, qk[:, h:])
+        values = view.update(v_cache, qkv[:, h + hkv :])
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=view.mask, is_causal=view.mask is None and t > 1, enable_gqa=True
+            qk[:, :h],
+            keys,
+            values,
+            attn_mask=view.mask,
+            is_causal=view.mask is None and t > 1,
+            enable_gqa=True,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -121,12 +131,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -226,3 +236,36 @@ class CSM(nn.Module):
                 else:
                     p.normal_(0.0, std, generator=g)
         return self
+
+
+# ---- checkpoint layout <-> this model's fused projections ----------------------------------------------
+def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Layer weights as checkpoints store them (q/k/v, gate/up apart) -> this model's fused weights."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".attn.q_proj.weight")]:
+        p = key.removesuffix("q_proj.weight")
+        out[p + "qkv_proj.weight"] = torch.cat([out.pop(f"{p}{n}_proj.weight") for n in "qkv"])
+    for key in [k for k in state if k.endswith(".mlp.gate_proj.weight")]:
+        p = key.removesuffix("gate_proj.weight")
+        out[p + "gate_up_proj.weight"] = torch.cat(
+            [out.pop(p + "gate_proj.weight"), out.pop(p + "up_proj.weight")]
+        )
+    return out
+
+
+def split_projections(state: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """The inverse of `fuse_projections` (shapes for loading checks, checkpoint writers)."""
+    out = {}
+    for key, t in state.items():
+        stack = args.backbone if key.startswith("backbone.") else args.decoder
+        if key.endswith(".attn.qkv_proj.weight"):
+            p = key.removesuffix("qkv_proj.weight")
+            q, kv = stack.n_heads * stack.head_dim, stack.n_kv_heads * stack.head_dim
+            for name, part in zip("qkv", t.split([q, kv, kv]), strict=True):
+                out[f"{p}{name}_proj.weight"] = part
+        elif key.endswith(".mlp.gate_up_proj.weight"):
+            p = key.removesuffix("gate_up_proj.weight")
+            out[p + "gate_proj.weight"], out[p + "up_proj.weight"] = t.chunk(2)
+        else:
+            out[key] = t
+    return out

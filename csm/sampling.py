@@ -24,33 +24,29 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def uniform_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """Uniform (0, 1) noise. seed: [B] int64; step: [B, N] int64 -> [B, N, vocab] float32."""
-    key = _mix32(_mix32(seed) ^ ((seed >> 32) & _M32))[:, None]  # [B, 1]
-    key = _mix32(key ^ _mix32(step + 0x9E3779B9))  # [B, N]
-    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    bits = _mix32(key[..., None] ^ _mix32(idx * 0x61C88647 + 1))
+def uniform_noise(seed: Tensor, step: Tensor, token: Tensor) -> Tensor:
+    """Uniform (0, 1) noise per (seed, step, token). seed, step: [B] int64; token: [B, K] -> [B, K]."""
+    key = _mix32(_mix32(seed) ^ ((seed >> 32) & _M32))
+    key = _mix32(key ^ _mix32(step + 0x9E3779B9))  # [B]
+    bits = _mix32(key[:, None] ^ _mix32(token * 0x61C88647 + 1))
     # 24 high bits: exactly representable in float32, never 0 or 1.
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """Gumbel(0, 1) noise for steps `step` ([B, N]) of each row: [B, N, vocab]."""
-    return -torch.log(-torch.log(uniform_noise(seed, step, vocab)))
+def sample(
+    logits: Tensor, temperature: Tensor, top_k: Tensor, k_max: int, seed: Tensor, step: Tensor
+) -> Tensor:
+    """One token per row: greedy where temperature is 0, else temperature then top-k.
 
-
-def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, k_max: int, gumbel: Tensor) -> Tensor:
-    """One token per row.
-
-    logits: [B, V]; temperature: [B] float (0 = greedy); top_k: [B] long in [1, k_max];
-    gumbel: [B, V] noise from `gumbel_noise`. Returns [B] long.
+    logits: [B, V]; temperature: [B] float; top_k: [B] long in [1, k_max]; seed, step: [B] int64.
+    Returns [B] long. Only the k_max candidates get noise, keyed by token id, so a row's draw does not
+    depend on k_max (which follows the batch) and costs O(k) instead of O(V).
     """
     logits = logits.float()
     greedy = logits.argmax(-1)
+    vals, idx = torch.topk(logits, k_max, dim=-1)  # [B, k_max], descending
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    scaled = logits / t[:, None]
-    top = torch.topk(scaled, k_max, dim=-1).values  # [B, k_max], descending
-    kth = top.gather(-1, (top_k - 1).clamp(0, k_max - 1)[:, None])  # [B, 1]
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    drawn = (scaled + gumbel).argmax(-1)
-    return torch.where(temperature > 0, drawn, greedy)
+    scores = vals / t[:, None] - torch.log(-torch.log(uniform_noise(seed, step, idx)))  # + Gumbel
+    outside = torch.arange(k_max, device=logits.device)[None, :] >= top_k[:, None]
+    pick = scores.masked_fill(outside, float("-inf")).argmax(-1, keepdim=True)
+    return torch.where(temperature > 0, idx.gather(-1, pick)[:, 0], greedy)

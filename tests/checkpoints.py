@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
 
 from csm.loading import half_to_interleaved, hf_config_dict
-from csm.model import CSM
+from csm.model import CSM, split_projections
 from csm.presets import ModelArgs
 
 TINY_MIMI = dict(
@@ -69,7 +69,7 @@ def sesame_state_dict(model: CSM) -> dict[str, torch.Tensor]:
     """Our weights under torchtune key names, q/k rows back in the interleaved RoPE layout."""
     out = {}
     a = model.args
-    for key, t in model.state_dict().items():
+    for key, t in split_projections(model.state_dict(), a).items():
         stack, _, rest = key.partition(".")
         if stack in ("backbone", "decoder") and rest.startswith("layers."):
             _, idx, tail = rest.split(".", 2)

@@ -120,9 +120,12 @@ def test_sesame_checkpoint_gives_the_same_codes(tiny_model, tiny_args, tmp_path,
     loaded = load_model(path)
     assert loaded.format == "sesame"
     # The file holds q/k in the interleaved layout; loading permutes them back.
-    ours_q = tiny_model.backbone.layers[0].attn.q_proj.weight
-    assert not torch.equal(sesame_state_dict(tiny_model)["backbone.layers.0.attn.q_proj.weight"], ours_q)
-    assert torch.equal(loaded.model.backbone.layers[0].attn.q_proj.weight, ours_q)
+    ours_qkv = tiny_model.backbone.layers[0].attn.qkv_proj.weight
+    q_rows = tiny_args.backbone.n_heads * tiny_args.backbone.head_dim
+    assert not torch.equal(
+        sesame_state_dict(tiny_model)["backbone.layers.0.attn.q_proj.weight"], ours_qkv[:q_rows]
+    )
+    assert torch.equal(loaded.model.backbone.layers[0].attn.qkv_proj.weight, ours_qkv)
     prompt = make_prompt(tiny_args, 5, "same weights", seed=4, max_frames=6)
     np.testing.assert_array_equal(
         engine_codes(loaded.model, [prompt], 6)[0], engine_codes(tiny_model, [prompt], 6)[0]
