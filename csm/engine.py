@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from csm.model import CSM, CacheView
-from csm.sampling import sample
+from csm.sampling import Mode, sample, sampling_inputs
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,12 @@ class Engine:
             frame=torch.zeros(s, dtype=torch.long, device=dev),
             codes=torch.zeros(s, self.args.num_codebooks, dtype=torch.long, device=dev),
         )
+        # The depth decoder's positions are the same every frame: pass 1 covers 0..1, pass i covers i.
+        dec = self.model.decoder
+        self._decoder_rope = [None, dec.rope_at(torch.arange(2, device=dev)[None], self.dtype)] + [
+            dec.rope_at(torch.tensor([[i]], device=dev), self.dtype)
+            for i in range(2, self.args.num_codebooks)
+        ]
         if self.cuda_graphs:
             self._capture_graphs()
         return self
@@ -340,7 +346,7 @@ class Engine:
             x = m.embed_rows(tokens, mask).to(self.dtype)
             m.backbone(
                 x,
-                positions.clamp(max=self.max_seq_len - 1),
+                m.backbone.rope_at(positions.clamp(max=self.max_seq_len - 1), self.dtype),
                 st.k,
                 st.v,
                 CacheView(slots, write, kv_len, attn_mask),
@@ -373,7 +379,9 @@ class Engine:
             kv = next(x for x in self._kv_buckets() if x >= kv_len)
             self._graphs[(b, kv)].replay()
         else:
-            self._frame(hi, kv_len, max(s.sampling.top_k for s in active))
+            greedy = [s.sampling.temperature == 0 for s in active]
+            mode: Mode = "greedy" if all(greedy) else "sample" if not any(greedy) else "mixed"
+            self._frame(hi, kv_len, max(s.sampling.top_k for s in active), mode)
         codes = self._state.codes[:hi].cpu().numpy()  # the one host sync per frame
         self.stats.frame_steps += 1
         self.stats.batch_sizes.append(len(active))
@@ -392,39 +400,41 @@ class Engine:
                 self._finish(seq)
         return events
 
-    def _frame(self, b: int, kv_len: int, k_max: int) -> None:
+    def _frame(self, b: int, kv_len: int, k_max: int, mode: Mode = "mixed") -> None:
         """One frame for slots [0, b): every tensor op, no host sync (the body of a CUDA graph)."""
         m, st, n_cb = self.model, self._state, self.args.num_codebooks
-        dev = self.device
         pos, active = st.pos[:b], st.active[:b]
-        temp, top_k, seed = st.temperature[:b], st.top_k[:b], st.seed[:b]
-        step0 = st.frame[:b] * n_cb  # sampling noise counter: frame * n_cb + codebook
-
+        draws = sampling_inputs(
+            st.temperature[:b], st.top_k[:b], st.seed[:b], st.frame[:b] * n_cb, n_cb, k_max, mode
+        )
         write = torch.where(active, pos, self._scratch_pos)[:, None]
-        attn_mask = (torch.arange(kv_len, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+        attn_mask = (torch.arange(kv_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         h = m.backbone(
             st.next_input[:b, None],
-            pos.clamp(max=self.max_seq_len - 1)[:, None],
+            m.backbone.rope_at(pos.clamp(max=self.max_seq_len - 1)[:, None], self.dtype),
             st.k,
             st.v,
             CacheView(slice(0, b), write, kv_len, attn_mask),
         )[:, 0]
-        c = sample(m.codebook0_head(h), temp, top_k, k_max, seed, step0)
+        c = sample(m.codebook0_head(h), draws, 0)
         codes = [c]
-        x = m.projection(torch.stack([h, m.embed_audio(0, c).to(h.dtype)], dim=1))  # [b, 2, decoder dim]
-        dpos = torch.arange(2, device=dev).expand(b, 2)
+        x = m.projection(torch.stack([h, m.embed_audio(0, c)], dim=1))  # [b, 2, decoder dim]
         for i in range(1, n_cb):
-            out = m.decoder(x, dpos, st.dk, st.dv, CacheView(slice(0, b), 0 if i == 1 else i, i + 1, None))
-            c = sample(m.codebook_logits(i, out[:, -1]), temp, top_k, k_max, seed, step0 + i)
+            # Pass i writes position 0..1 (i = 1) or i, and reads [0, i + 1); every row at the same place.
+            out = m.decoder(
+                x,
+                self._decoder_rope[i],
+                st.dk,
+                st.dv,
+                CacheView(slice(0, b), 0 if i == 1 else i, i + 1, None),
+            )
+            c = sample(m.codebook_logits(i, out[:, -1]), draws, i)
             codes.append(c)
             if i < n_cb - 1:
-                x = m.projection(m.embed_audio(i, c).to(h.dtype))[:, None]
-                dpos = torch.full((b, 1), i + 1, device=dev, dtype=torch.long)
+                x = m.projection(m.embed_audio(i, c))[:, None]
         frame = torch.stack(codes, dim=1)
         st.codes[:b] = frame
-        st.next_input[:b] = torch.where(
-            active[:, None], m.embed_frame(frame).to(self.dtype), st.next_input[:b]
-        )
+        st.next_input[:b] = torch.where(active[:, None], m.embed_frame(frame), st.next_input[:b])
         st.pos[:b] += active
         st.frame[:b] += active
 

@@ -48,20 +48,18 @@ def rope_inv_freq(args: TransformerArgs) -> Tensor:
 
 
 def rope_table(args: TransformerArgs, n_positions: int) -> Tensor:
-    """cos and sin for every position, fp32: [n_positions, 2, head_dim]."""
+    """cos and signed sin (see `apply_rope`) for every position, fp32: [n_positions, 2, head_dim]."""
     freqs = torch.arange(n_positions, dtype=torch.float32)[:, None] * rope_inv_freq(args)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos(), emb.sin()], dim=1)
+    sin = emb.sin()
+    sin[:, : sin.shape[1] // 2] *= -1  # signed for `apply_rope`
+    return torch.stack([emb.cos(), sin], dim=1)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, T, D]; cos, sin: [B, 1, T, D]
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate-half RoPE. x: [B, H, T, D]; cos, sin_signed: [B or 1, 1, T, D], the sine's first half
+    negated, so that roll(x, D/2) * sin_signed == rotate_half(x) * sin."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 @dataclass
@@ -100,6 +98,13 @@ class CacheView:
         return cache[self.rows, :, : self.kv_len]
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # The CPU kernel is ~4x slower in 16-bit than in fp32 at decode shapes; fp32 is also more exact.
+        return _attention(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
@@ -117,14 +122,7 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, : h + hkv], *rope)  # q and k rotated together
         keys = view.update(k_cache, qk[:, h:])
         values = view.update(v_cache, qkv[:, h + hkv :])
-        out = F.scaled_dot_product_attention(
-            qk[:, :h],
-            keys,
-            values,
-            attn_mask=view.mask,
-            is_causal=view.mask is None and t > 1,
-            enable_gqa=True,
-        )
+        out = _attention(qk[:, :h], keys, values, view.mask, causal=view.mask is None and t > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -167,12 +165,15 @@ class Transformer(nn.Module):
         # +1 position: the scratch column that absorbs writes that must leave no trace.
         self.rope = rope_table(self.args, self.args.max_seq_len + 1).to(device)
 
+    def rope_at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and signed sin for `positions` ([B, T]) shaped [B, 1, T, D], for `forward`."""
+        cs = self.rope[positions].to(dtype)  # [B, T, 2, D]
+        return cs[:, None, :, 0], cs[:, None, :, 1]
+
     def forward(
-        self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, view: CacheView
+        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
     ) -> Tensor:
-        # x: [B, T, dim]; positions: [B, T] (rope positions); caches: [L, S, Hkv, T_max, D]
-        cs = self.rope[positions].to(x.dtype)  # [B, T, 2, D]
-        rope = (cs[:, None, :, 0], cs[:, None, :, 1])
+        # x: [B, T, dim]; rope: from `rope_at`; caches: [L, S, Hkv, T_max, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, k_cache[i], v_cache[i], view)
         return self.norm(x)

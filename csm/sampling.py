@@ -1,12 +1,15 @@
 """Sampling: temperature then top-k, per row, with counter-based noise so a seeded request is reproducible
 whatever else shares its batch (no global RNG state, no host sync).
 
-The noise for (seed, step, vocabulary index) comes from an integer hash, so row b's draw depends only on
-its own seed and step. Gumbel-max over `logits / T + g` samples the same distribution as the reference's
-`argmax(softmax(logits / T) / Exp(1))`.
+The noise for (seed, step, rank) comes from an integer hash, so row b's draw depends only on its own seed,
+step and logits. Gumbel-max over the top-k `logits / T + g` samples the same distribution as the
+reference's `argmax(softmax(top_k(logits) / T) / Exp(1))`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,29 +27,59 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def uniform_noise(seed: Tensor, step: Tensor, token: Tensor) -> Tensor:
-    """Uniform (0, 1) noise per (seed, step, token). seed, step: [B] int64; token: [B, K] -> [B, K]."""
-    key = _mix32(_mix32(seed) ^ ((seed >> 32) & _M32))
-    key = _mix32(key ^ _mix32(step + 0x9E3779B9))  # [B]
-    bits = _mix32(key[:, None] ^ _mix32(token * 0x61C88647 + 1))
+def uniform_noise(seed: Tensor, step: Tensor, k: int) -> Tensor:
+    """Uniform (0, 1) noise per (seed, step, rank). seed: [B] int64; step: [B, N] int64 -> [B, N, k]."""
+    key = _mix32(_mix32(seed) ^ ((seed >> 32) & _M32))[:, None]  # [B, 1]
+    key = _mix32(key ^ _mix32(step + 0x9E3779B9))  # [B, N]
+    rank = torch.arange(k, device=seed.device, dtype=torch.int64)
+    bits = _mix32(key[..., None] ^ _mix32(rank * 0x61C88647 + 1))
     # 24 high bits: exactly representable in float32, never 0 or 1.
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def sample(
-    logits: Tensor, temperature: Tensor, top_k: Tensor, k_max: int, seed: Tensor, step: Tensor
-) -> Tensor:
-    """One token per row: greedy where temperature is 0, else temperature then top-k.
+Mode = Literal["sample", "greedy", "mixed"]
 
-    logits: [B, V]; temperature: [B] float; top_k: [B] long in [1, k_max]; seed, step: [B] int64.
-    Returns [B] long. Only the k_max candidates get noise, keyed by token id, so a row's draw does not
-    depend on k_max (which follows the batch) and costs O(k) instead of O(V).
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """What every draw of one frame needs, computed once per frame instead of once per codebook."""
+
+    temperature: Tensor  # [B]
+    inv_temperature: Tensor  # [B, 1]
+    outside: Tensor  # [B, k_max] bool: ranks beyond each row's top_k
+    gumbel: Tensor  # [B, N, k_max]: noise for step n, rank r
+    k_max: int
+    mode: Mode  # rows all sampled, all greedy, or mixed (the host knows; a CUDA graph says "mixed")
+
+
+def sampling_inputs(
+    temperature: Tensor, top_k: Tensor, seed: Tensor, first_step: Tensor, n_steps: int, k_max: int, mode: Mode
+) -> SamplingInputs:
+    """temperature: [B] (0 = greedy); top_k: [B] in [1, k_max]; seed, first_step: [B] int64."""
+    steps = first_step[:, None] + torch.arange(n_steps, device=seed.device)
+    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return SamplingInputs(
+        temperature=temperature,
+        inv_temperature=(1.0 / safe_t)[:, None],
+        outside=torch.arange(k_max, device=seed.device)[None, :] >= top_k[:, None],
+        gumbel=-torch.log(-torch.log(uniform_noise(seed, steps, k_max))),
+        k_max=k_max,
+        mode=mode,
+    )
+
+
+def sample(logits: Tensor, inputs: SamplingInputs, n: int) -> Tensor:
+    """Draw step n of the frame: one token per row. logits: [B, V] -> [B] long.
+
+    Gumbel-max over the top-k candidates samples softmax(logits / T) restricted to the top k. The noise is
+    keyed by rank, so a row's draw depends only on its own seed, step and logits, never on the batch.
     """
     logits = logits.float()
-    greedy = logits.argmax(-1)
-    vals, idx = torch.topk(logits, k_max, dim=-1)  # [B, k_max], descending
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    scores = vals / t[:, None] - torch.log(-torch.log(uniform_noise(seed, step, idx)))  # + Gumbel
-    outside = torch.arange(k_max, device=logits.device)[None, :] >= top_k[:, None]
-    pick = scores.masked_fill(outside, float("-inf")).argmax(-1, keepdim=True)
-    return torch.where(temperature > 0, idx.gather(-1, pick)[:, 0], greedy)
+    if inputs.mode == "greedy":
+        return logits.argmax(-1)
+    vals, idx = torch.topk(logits, inputs.k_max, dim=-1)  # [B, k_max], descending
+    scores = (vals * inputs.inv_temperature + inputs.gumbel[:, n]).masked_fill(inputs.outside, float("-inf"))
+    drawn = idx.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
+    if inputs.mode == "sample":
+        return drawn
+    return torch.where(inputs.temperature > 0, drawn, logits.argmax(-1))

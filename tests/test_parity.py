@@ -76,7 +76,9 @@ def test_backbone_logits_match_transformers(hf_tiny, tiny_model, tiny_args):
     t = emb.shape[1]
     k, v = tiny_model.backbone.new_cache(1, tiny_args.max_seq_len + 1, "cpu", torch.float32)
     pos = torch.arange(t)[None]
-    h = tiny_model.backbone(ours_emb, pos, k, v, CacheView(slice(0, 1), pos, t, None))
+    h = tiny_model.backbone(
+        ours_emb, tiny_model.backbone.rope_at(pos, torch.float32), k, v, CacheView(slice(0, 1), pos, t, None)
+    )
     assert rel_err(tiny_model.codebook0_head(h), ref) <= 1e-5
 
 
@@ -93,7 +95,13 @@ def test_depth_decoder_logits_match_transformers(hf_tiny, tiny_model, tiny_args)
     )
     dk, dv = tiny_model.decoder.new_cache(3, 33, "cpu", torch.float32)
     pos = torch.arange(32).expand(3, 32)
-    out = tiny_model.decoder(tiny_model.projection(x), pos, dk, dv, CacheView(slice(0, 3), pos, 32, None))
+    out = tiny_model.decoder(
+        tiny_model.projection(x),
+        tiny_model.decoder.rope_at(pos, torch.float32),
+        dk,
+        dv,
+        CacheView(slice(0, 3), 0, 32, None),
+    )
     ours = torch.stack([tiny_model.codebook_logits(i, out[:, i]) for i in range(1, 32)], 1)
     assert rel_err(ours, ref) <= 1e-5
 
