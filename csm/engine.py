@@ -60,7 +60,11 @@ class EngineConfig:
     max_slots: int = 16
     prefill_chunk: int = 256  # prompt rows per prefill step, shared by the joiners it packs
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
-    kv_bucket: int = 256  # CUDA graphs: KV length rounded up to a multiple of this
+    # Frame steps with bucketed shapes (batch: powers of two; KV length: multiples of kv_bucket; full-vocab
+    # top-k; mixed sampling), as CUDA graphs need. None: exactly when graphs are on. On CPU it exists so
+    # tests can check that the padded shapes give the same codes as the exact ones.
+    static_shapes: bool | None = None
+    kv_bucket: int = 256
 
 
 @dataclass
@@ -132,6 +136,8 @@ class Engine:
         self._scratch_pos = self.max_seq_len  # the cache column that absorbs writes of inactive rows
         use_graphs = self.config.cuda_graphs
         self.cuda_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        static = self.config.static_shapes
+        self.static_shapes = self.cuda_graphs if static is None else static or self.cuda_graphs
         self._lock = threading.Lock()
         self._free = list(range(self.config.max_slots))
         self._seqs: dict[str, _Sequence] = {}
@@ -374,10 +380,14 @@ class Engine:
     def _decode(self, active: list[_Sequence]) -> list[FrameEvent]:
         hi = max(s.slot for s in active) + 1
         kv_len = max(s.tokens.shape[0] + s.frames for s in active)  # positions [0, pos] of every row
-        if self.cuda_graphs:
+        if self.static_shapes:
             b = next(x for x in self._batch_buckets() if x >= hi)
             kv = next(x for x in self._kv_buckets() if x >= kv_len)
-            self._graphs[(b, kv)].replay()
+            graph = self._graphs.get((b, kv))
+            if graph is not None:
+                graph.replay()
+            else:
+                self._frame(b, kv, self.args.audio_vocab_size, "mixed")
         else:
             greedy = [s.sampling.temperature == 0 for s in active]
             mode: Mode = "greedy" if all(greedy) else "sample" if not any(greedy) else "mixed"
