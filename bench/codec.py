@@ -21,15 +21,8 @@ import time
 
 import torch
 
-from csm.codec import (
-    FRAME_SIZE,
-    NUM_CODEBOOKS,
-    PRESETS,
-    SAMPLE_RATE,
-    MimiCodec,
-    StreamingDecoder,
-    random_codec,
-)
+from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, PRESETS, SAMPLE_RATE, MimiCodec, random_codec
+from csm.codec_streaming import StreamingDecoder
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
 

@@ -16,14 +16,12 @@ from csm.audio import read_wav, to_mimi_rate
 from csm.codec import (
     FRAME_SIZE,
     NUM_CODEBOOKS,
-    RECOVERY_FRAMES,
-    StreamingDecoder,
-    StreamingEncoder,
     checkpoint_state_dict,
     load_codec,
     preset_config,
     random_codec,
 )
+from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder, StreamingEncoder
 
 
 @pytest.fixture(scope="module", autouse=True)
