@@ -98,10 +98,27 @@ class CacheView:
         return cache[self.rows, :, : self.kv_len]
 
 
+def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention for one query token per row, GQA without repeating keys: q [B, H, 1, D], k and v
+    [B, Hkv, L, D], mask [B, 1, 1, L] bool or None -> [B, H, 1, D].
+
+    Each key/value head is read once for its whole group of query heads (a batched matmul), where SDPA's
+    GQA fallback on CUDA (masked, so no flash kernel) materialises the keys once per query head.
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    scores = (q.view(b, hkv, h // hkv, d) @ k.transpose(-1, -2)).float() * d**-0.5  # [B, Hkv, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # The CPU kernel is ~4x slower in 16-bit than in fp32 at decode shapes; fp32 is also more exact.
         return _attention(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+    if q.device.type == "cuda" and q.shape[2] == 1:
+        return grouped_decode_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
