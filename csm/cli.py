@@ -18,7 +18,7 @@ from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import LoadedModel, load_model, parse_dtype, random_model
 from csm.presets import PRESET_NAMES
 from csm.prompt import PromptBuilder, Segment
-from csm.tokenizer import load_tokenizer
+from csm.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 
 log = logging.getLogger("csm.cli")
 
@@ -32,15 +32,20 @@ _LINES = [
 ]
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedModel, str | None]:
+def _load(args: argparse.Namespace) -> tuple[LoadedModel, TextTokenizer]:
     model_path = args.model_path or os.environ.get("MODEL_PATH")
     dtype = parse_dtype(args.dtype)
-    if model_path:
-        loaded = load_model(model_path, dtype=dtype, device=args.device)
-        tok = os.environ.get("TOKENIZER_PATH") or model_path
-        return loaded, tok
-    log.warning("NO WEIGHTS GIVEN: running the random '%s' preset; its audio is noise", args.preset)
-    return random_model(args.preset, dtype=dtype, device=args.device), None
+    if not model_path:
+        log.warning("NO WEIGHTS GIVEN: running the random '%s' preset; its audio is noise", args.preset)
+        return random_model(args.preset, dtype=dtype, device=args.device), ByteTokenizer()
+    loaded = load_model(model_path, dtype=dtype, device=args.device)
+    # The transformers format ships tokenizer.json beside the weights; the Sesame format does not.
+    tokenizer_path = os.environ.get("TOKENIZER_PATH") or (model_path if loaded.format == "hf" else None)
+    if tokenizer_path is None:
+        raise SystemExit(
+            "a Sesame-format checkpoint needs TOKENIZER_PATH (a Llama-3 tokenizer.json or its folder)"
+        )
+    return loaded, load_tokenizer(tokenizer_path)
 
 
 async def _stream(
@@ -58,9 +63,9 @@ async def _stream(
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    loaded, tok_path = _load(args)
+    loaded, tokenizer = _load(args)
     model = loaded.model
-    builder = PromptBuilder(load_tokenizer(tok_path if loaded.format == "hf" else None), model.args)
+    builder = PromptBuilder(tokenizer, model.args)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {loaded.source} ({loaded.format}), {n_params:.1f}M params")
     engine = AsyncEngine(Engine(model, EngineConfig(max_slots=max(args.streams, 1))))
