@@ -13,10 +13,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== engine: csm-1b shape, random weights, bf16, CUDA graphs =="
 if ! timeout 330 "$PY" bench/engine.py --preset csm-1b --device cuda --dtype bf16 \
-        --streams "$STREAMS" --frames 48 --prefill-chunk 1024 --no-peer --floor; then
+        --streams "$STREAMS" --frames 48 --arrival-gap 0 --prefill-chunk 1024 --no-peer --floor; then
     echo "== engine with CUDA graphs failed or timed out; the same run eagerly =="
     timeout 150 "$PY" bench/engine.py --preset csm-1b --device cuda --dtype bf16 \
-        --streams 1,8,32 --frames 24 --prefill-chunk 1024 --no-peer --floor --no-cuda-graphs
+        --streams 1,8,32 --frames 24 --arrival-gap 0 --prefill-chunk 1024 --no-peer --floor --no-cuda-graphs
 fi
 
 if [ -f bench/codec.py ]; then
