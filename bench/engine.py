@@ -65,10 +65,11 @@ def _wait_until(t0: float, at: float) -> None:
         time.sleep(delay)
 
 
-def _summary(frames: int, arrivals, first, last, t0: float, end: float, steady=()) -> dict:
+def _summary(frames: int, arrivals, first, last, wall: float, steady=()) -> dict:
+    """Times are seconds since the run started; `wall` is the whole run."""
     n = len(arrivals)
     return {
-        "frames_s": frames * n / (end - t0),
+        "frames_s": frames * n / wall,
         # Streaming speed once a stream has started: compute seconds per 80 ms of audio.
         "rtf": statistics.mean((last[i] - first[i]) / max(frames - 1, 1) / FRAME_S for i in range(n)),
         "ttff": statistics.mean(first[i] - arrivals[i] for i in range(n)),
@@ -106,7 +107,7 @@ def run_ours(engine: Engine, prompts: list[Prompt], frames: int, arrivals: list[
                 if ev.done:
                     last[i] = now - t0
     assert len(last) == len(prompts), "a stream ended early"
-    return _summary(frames, arrivals, first, last, 0.0, time.perf_counter() - t0, steady)
+    return _summary(frames, arrivals, first, last, time.perf_counter() - t0, steady)
 
 
 class _FirstFrame:
@@ -127,6 +128,8 @@ class _FirstFrame:
 def run_peer(hf, prompts: list[Prompt], frames: int, arrivals: list[float], device: torch.device) -> dict:
     """transformers' generate as a server would use it: when idle, take every prompt that has arrived
     as one static batch and generate it to the end (later arrivals wait for the next batch)."""
+    from tests.checkpoints import hf_prompt_embeds  # imported here: --no-peer runs need no test helpers
+
     sync(device)
     t0 = time.perf_counter()
     first: dict[int, float] = {}
@@ -137,13 +140,9 @@ def run_peer(hf, prompts: list[Prompt], frames: int, arrivals: list[float], devi
         now = time.perf_counter() - t0
         batch = [i for i in order if arrivals[i] <= now]
         order = [i for i in order if i not in batch]
-        rows = []
-        for i in batch:
-            p = prompts[i]
-            text = hf.embed_text_tokens(p.tokens[:, -1].to(device))
-            audio = hf.backbone_model.embed_tokens(p.tokens[None, :, :-1].to(device))[0]
-            rows.append(torch.where(p.mask[:, :1].to(device), audio, text))
-        emb = torch.stack(rows)
+        emb = torch.cat(
+            [hf_prompt_embeds(hf, prompts[i].tokens.to(device), prompts[i].mask.to(device)) for i in batch]
+        )
         streamer = _FirstFrame()
         out = hf.generate(
             inputs_embeds=emb,
@@ -162,15 +161,14 @@ def run_peer(hf, prompts: list[Prompt], frames: int, arrivals: list[float], devi
         done = time.perf_counter() - t0
         for i in batch:
             first[i], last[i] = streamer.at - t0, done
-    return _summary(frames, arrivals, first, last, 0.0, time.perf_counter() - t0)
+    return _summary(frames, arrivals, first, last, time.perf_counter() - t0)
 
 
 def build_pair(name: str, device: torch.device, dtype: torch.dtype, peer: bool):
     """Our model and (optionally) transformers' CSM holding the very same weights."""
     if not peer:
         return random_model(name, dtype=dtype, device=device).model, None
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from checkpoints import hf_csm  # the tests' writer: a tiny codec rides along, unused here
+    from tests.checkpoints import hf_csm  # the tests' writer: a tiny codec rides along, unused here
 
     hf = hf_csm(preset(name), seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,9 +61,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt rows per prefill step, shared by the joiners it packs
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
     # Frame steps with bucketed shapes (batch: powers of two; KV length: multiples of kv_bucket; full-vocab
-    # top-k; mixed sampling), as CUDA graphs need. None: exactly when graphs are on. On CPU it exists so
+    # top-k; mixed sampling), as CUDA graphs need; always on with graphs. Without graphs it exists so
     # tests can check that the padded shapes give the same codes as the exact ones.
-    static_shapes: bool | None = None
+    static_shapes: bool = False
     kv_bucket: int = 256
 
 
@@ -136,8 +136,7 @@ class Engine:
         self._scratch_pos = self.max_seq_len  # the cache column that absorbs writes of inactive rows
         use_graphs = self.config.cuda_graphs
         self.cuda_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        static = self.config.static_shapes
-        self.static_shapes = self.cuda_graphs if static is None else static or self.cuda_graphs
+        self.static_shapes = self.cuda_graphs or self.config.static_shapes
         self._lock = threading.Lock()
         self._free = list(range(self.config.max_slots))
         self._seqs: dict[str, _Sequence] = {}

@@ -10,7 +10,7 @@ the interleaved layout and are permuted on load (`csm.loading`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class CacheView:
     write: int | Tensor
     kv_len: int
     mask: Tensor | None
-    row_index: Tensor | None = None  # [B, 1], derived: computed once, used by every layer
+    row_index: Tensor | None = field(init=False, default=None)  # [B, 1]: computed once, used by every layer
 
     def __post_init__(self) -> None:
         if isinstance(self.write, Tensor):

@@ -47,7 +47,7 @@ class SamplingInputs:
     temperature: Tensor  # [B]
     inv_temperature: Tensor  # [B, 1]
     outside: Tensor  # [B, k_max] bool: ranks beyond each row's top_k
-    gumbel: Tensor  # [B, N, k_max]: noise for step n, rank r
+    gumbel: Tensor | None  # [B, N, k_max]: noise for step n, rank r (None when every row is greedy)
     k_max: int
     mode: Mode  # rows all sampled, all greedy, or mixed (the host knows; a CUDA graph says "mixed")
 
@@ -62,7 +62,7 @@ def sampling_inputs(
         temperature=temperature,
         inv_temperature=(1.0 / safe_t)[:, None],
         outside=torch.arange(k_max, device=seed.device)[None, :] >= top_k[:, None],
-        gumbel=-torch.log(-torch.log(uniform_noise(seed, steps, k_max))),
+        gumbel=None if mode == "greedy" else -torch.log(-torch.log(uniform_noise(seed, steps, k_max))),
         k_max=k_max,
         mode=mode,
     )

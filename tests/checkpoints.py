@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
 
 from csm.loading import half_to_interleaved, hf_config_dict
@@ -101,4 +102,15 @@ def write_sesame(model: CSM, path: Path, backbone: str, decoder: str, as_pt: boo
         "audio_num_codebooks": a.num_codebooks,
     }
     (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def write_llama3_tokenizer(path: Path) -> Path:
+    """A tiny word-level tokenizer.json with Llama-3's BOS/EOS tokens: <unk> 0, "[0]" 1, "hello" 2, BOS 3,
+    EOS 4."""
+    vocab = {"<unk>": 0, "[0]": 1, "hello": 2, "<|begin_of_text|>": 3, "<|end_of_text|>": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.save(str(path / "tokenizer.json"))
     return path

@@ -8,10 +8,8 @@ import shutil
 import subprocess
 import sys
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-
 from csm.loading import load_model
-from tests.checkpoints import write_sesame
+from tests.checkpoints import write_llama3_tokenizer, write_sesame
 
 
 def demo(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -20,14 +18,6 @@ def demo(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, check=check, env={**base, **(env or {})}
     )
-
-
-def write_tokenizer(path) -> None:
-    vocab = {"<unk>": 0, "hello": 1, "<|begin_of_text|>": 2, "<|end_of_text|>": 3}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
-    tok.save(str(path / "tokenizer.json"))
 
 
 def test_demo_without_weights_says_so_and_reports_speed():
@@ -41,7 +31,7 @@ def test_demo_without_weights_says_so_and_reports_speed():
 def test_demo_loads_a_transformers_checkpoint_with_its_tokenizer(hf_tiny_dir, tmp_path):
     path = tmp_path / "hf"
     shutil.copytree(hf_tiny_dir, path)
-    write_tokenizer(path)
+    write_llama3_tokenizer(path)
     out = demo("--model-path", str(path))
     assert "NO WEIGHTS GIVEN" not in out.stderr
     assert f"model: {path} (hf)" in out.stdout
@@ -52,6 +42,6 @@ def test_demo_refuses_a_sesame_checkpoint_without_a_tokenizer(hf_tiny_dir, tmp_p
     sesame = write_sesame(load_model(hf_tiny_dir).model, tmp_path / "sesame", "tiny-backbone", "tiny-decoder")
     out = demo("--model-path", str(sesame), check=False)
     assert out.returncode != 0 and "needs TOKENIZER_PATH" in out.stderr
-    write_tokenizer(tmp_path)
+    write_llama3_tokenizer(tmp_path)
     out = demo(env={"MODEL_PATH": str(sesame), "TOKENIZER_PATH": str(tmp_path)})
     assert f"model: {sesame} (sesame)" in out.stdout

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from csm.loading import detect_format, load_model, parse_dtype, random_model
 from csm.presets import preset
 from csm.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+from tests.checkpoints import write_llama3_tokenizer
 
 
 @pytest.fixture
@@ -92,11 +92,7 @@ def test_random_model_is_deterministic():
 
 
 def test_llama3_tokenizer_wraps_bos_and_eos(tmp_path):
-    vocab = {"<unk>": 0, "[0]": 1, "hello": 2, "<|begin_of_text|>": 3, "<|end_of_text|>": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
-    tok.save(str(tmp_path / "tokenizer.json"))
+    write_llama3_tokenizer(tmp_path)
     t = load_tokenizer(tmp_path)
     assert isinstance(t, Llama3Tokenizer)
     ids = t.encode("hello")
