@@ -239,8 +239,8 @@ def main() -> None:
         f"{a.frames} frames per stream, prompts of {prompt_rows} rows, "
         f"setup {time.perf_counter() - t_build:.1f} s, CUDA graphs captured: {engine.n_graphs}"
     )
-    warm = make_prompts(ours.args, 2, a.context_frames, a.frames)
-    run_ours(engine, warm, 4, [0.0, 0.0])
+    warm = make_prompts(ours.args, min(2, max(streams)), a.context_frames, a.frames)  # no more than the slots
+    run_ours(engine, warm, 4, [0.0] * len(warm))
     if hf is not None:
         run_peer(hf, warm[:1], 2, [0.0], device)
 
