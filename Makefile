@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINTED := csm deployments serve_app tests bench
 
 .PHONY: demo test lint bench venv system-deps
 
@@ -18,12 +19,13 @@ $(STAMP): pyproject.toml
 system-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
 
-demo: $(STAMP)
-	$(PY) -m csm.cli generate --preset tiny --streams 4 --frames 24
+# The whole app on this machine: http://127.0.0.1:8000 (random `tiny` weights unless MODEL_PATH is set).
+demo: $(STAMP) system-deps
+	$(VENV)/bin/serve run serve_config.yaml
 
 lint: $(STAMP)
-	$(PY) -m ruff check csm tests bench
-	$(PY) -m ruff format --check csm tests bench
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q

@@ -119,6 +119,10 @@ class AsyncEngine:
             self.engine.cancel(request_id)
             self._deliver(request_id, consumer, RuntimeError(f"generation failed: {error}"))
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from csm.model import CSM, CacheView
 from csm.sampling import Mode, sample, sampling_inputs
 
 log = logging.getLogger(__name__)
+
+_RECENT = 4096  # frame steps kept in `Engine.stats` for metrics
 
 
 class EngineFull(RuntimeError):
@@ -119,10 +122,13 @@ class _SlotState:
 
 @dataclass
 class _Stats:
+    """Counters since start, and the most recent frame steps (bounded: a server runs for weeks)."""
+
     frames: int = 0
     frame_steps: int = 0
     prefill_steps: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT))
+    step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
 
 class Engine:
@@ -377,6 +383,7 @@ class Engine:
             self._prefill_queue.remove(seq)
 
     def _decode(self, active: list[_Sequence]) -> list[FrameEvent]:
+        start = time.perf_counter()
         hi = max(s.slot for s in active) + 1
         kv_len = max(s.tokens.shape[0] + s.frames for s in active)  # positions [0, pos] of every row
         if self.static_shapes:
@@ -394,6 +401,7 @@ class Engine:
         codes = self._state.codes[:hi].cpu().numpy()  # the one host sync per frame
         self.stats.frame_steps += 1
         self.stats.batch_sizes.append(len(active))
+        self.stats.step_seconds.append(time.perf_counter() - start)
         events = []
         for seq in active:
             frame = codes[seq.slot].copy()

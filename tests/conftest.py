@@ -33,3 +33,53 @@ def hf_tiny_dir(hf_tiny, tmp_path_factory):
 def tiny_model(hf_tiny_dir):
     """Our model, loaded from the transformers-format checkpoint that transformers wrote."""
     return load_model(hf_tiny_dir).model
+
+
+# ---- a real Ray Serve app, shared by the tests that need one ---------------------------------------------
+APP_TOKEN = "test-secret"
+MAX_CONVERSATIONS = 10
+
+
+def app_args(history_dir, voices_dir) -> dict:
+    """The test app: the `tiny` presets on CPU (as `make demo`), with a token and a voice configured."""
+    return {
+        "generator": {"max_slots": 12},
+        "ingress": {
+            "history_dir": str(history_dir),
+            "voices_dir": str(voices_dir),
+            "token": APP_TOKEN,
+            "max_conversations": MAX_CONVERSATIONS,
+            "limits": {"max_reply_seconds": 6.0},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_app(tmp_path_factory):
+    """Start Ray and the app once; yields the base URL (`http://127.0.0.1:PORT`) and the app's args."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+    from tests.realtime_client import speech
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    voices = tmp_path_factory.mktemp("voices")
+    pcm = speech("This is my voice.", voices, lead_s=0.1, tail_s=0.1)
+    from csm.audio import write_wav
+
+    write_wav(voices / "narrator.wav", torch.from_numpy(pcm.astype("float32") / 32768))
+    (voices / "narrator.txt").write_text("This is my voice.")
+    args = app_args(tmp_path_factory.mktemp("history"), voices)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="csm", route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}/v1/realtime", "args": args}
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,124 @@
+"""`AudioTokenizer`: streaming Mimi encode of what people say, batched across every stream on the replica.
+
+The person's audio is encoded while they speak, so when their turn ends its codes are ready for the
+reply's context. A turn is a stream: the caller sends its audio a chunk at a time with
+`multiplexed_model_id=<stream id>` (same replica, same state) and `start` = the chunk's first sample.
+A replica that lacks the state answers `None` ("send the turn again from its start"), which the caller
+can always do: it keeps the turn's audio for speech recognition anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import metrics
+
+from csm.codec_streaming import StreamingEncoder
+from deployments.streams import MAX_STREAM_IDS, BatchLoop, Stream, StreamTable
+from deployments.weights import load_mimi, pick_device, set_torch_threads
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AudioTokenizer", "TokenizerConfig"]
+
+
+class TokenizerConfig(BaseModel):
+    mimi_path: str | None = None
+    model_path: str | None = None
+    preset: str = "tiny"
+    device: str = "auto"
+    num_slots: int = Field(32, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class TokenizerOptions(BaseModel):
+    """`user_config`: may change while running."""
+
+    max_batch_size: int = Field(32, ge=1)
+
+
+@dataclass
+class _Push:
+    stream: Stream
+    pcm: np.ndarray  # int16
+    fresh: bool
+    final: bool
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class AudioTokenizer:
+    def __init__(self, config: dict | None = None) -> None:
+        cfg = TokenizerConfig.model_validate(config or {})
+        set_torch_threads(cfg.torch_threads)
+        codec, self.weights = load_mimi(cfg.mimi_path, cfg.model_path, cfg.preset, pick_device(cfg.device))
+        self.encoder = StreamingEncoder(codec, cfg.num_slots)
+        self.streams = StreamTable(cfg.num_slots)
+        self._batch_size = metrics.Histogram(
+            "csm_tokenizer_batch_size",
+            description="Input streams encoded together in one Mimi step.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
+        self.loop = BatchLoop(self._step, TokenizerOptions().max_batch_size, self._batch_size.observe)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.loop.max_batch = TokenizerOptions.model_validate(user_config).max_batch_size
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
+    async def _route(self, stream_id: str) -> str:
+        return stream_id  # routing affinity only: the state lives in `self.streams`
+
+    async def encode(self, start: int, pcm: np.ndarray, final: bool = False) -> np.ndarray | None:
+        """Codes ([F, 32] int16) of every whole frame complete after adding `pcm` (int16, 24 kHz) at sample
+        `start` of the stream; with `final`, also the last partial frame, and the stream ends. `None`: this
+        replica lacks the stream's state; send the stream again from sample 0."""
+        stream_id = serve.get_multiplexed_model_id()
+        if not stream_id:
+            raise ValueError("encode needs multiplexed_model_id=<stream id>")
+        await self._route(stream_id)
+        if not isinstance(pcm, np.ndarray) or pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError("pcm must be a 1-D int16 array")
+        stream = self.streams.get(stream_id)
+        fresh = stream is None or stream.position != start
+        if fresh:
+            if start != 0:
+                return None
+            stream = self.streams.open(stream_id)
+        stream.position = start + pcm.shape[0]
+        try:
+            return await self.loop.submit(_Push(stream, pcm, fresh, final))
+        finally:
+            if final:  # only now: the slot must not be handed out while its last audio is being flushed
+                self.streams.close(stream_id)
+
+    async def close(self) -> None:
+        """Drop the stream named by the request's multiplexed model id (the turn was cleared)."""
+        stream = self.streams.close(serve.get_multiplexed_model_id())
+        if stream is not None:
+            self.encoder.close(stream.slot)
+
+    def _step(self, pushes: Sequence[_Push]) -> list[np.ndarray]:
+        """Worker thread: buffer every push, encode all complete frames in one batched pass, flush finals."""
+        with torch.inference_mode():
+            for p in pushes:
+                if p.fresh:
+                    self.encoder.open(p.stream.slot)
+                audio = torch.from_numpy(p.pcm.astype(np.float32) / 32768.0)
+                self.encoder.push(p.stream.slot, audio)
+            ready = self.encoder.encode_ready()
+            out = []
+            for p in pushes:
+                codes = ready[p.stream.slot]
+                if p.final:
+                    codes = torch.cat([codes, self.encoder.flush(p.stream.slot)], dim=-1)
+                out.append(codes.T.to(torch.int16).cpu().numpy())
+                ready[p.stream.slot] = codes[:, :0]  # a stream pushed twice in one batch gets its codes once
+        return out
+
+    def info(self) -> dict:
+        return {"weights": self.weights.description, "random_weights": self.weights.random}

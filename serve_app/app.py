@@ -1,0 +1,82 @@
+"""The application graph, bound in one place: `serve run serve_config.yaml` (or `serve_app.app:app`).
+
+Every model deployment gets its settings from `AppArgs` (the YAML's `args`), so one file runs the CPU demo
+and a GPU node. Environment overrides, read here and in the replicas:
+
+- `MODEL_PATH`, `TOKENIZER_PATH`, `MIMI_PATH`: weights (none: random `tiny` presets, noise);
+- `CSM_DEVICE=cuda` (or `auto`): where the models run; `CSM_GPU_FRACTIONS=generator:0.6,decoder:0.15,...`
+  overrides the GPU share of each deployment when a GPU is used (defaults below fit one T4);
+- `HISTORY_DIR`, `VOICES_DIR`, `CSM_TOKEN`: the ingress's history store, voices, and shared-secret token;
+- `CSM_TORCH_THREADS`: torch threads per replica (default 1: replicas share the machine's cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from deployments.decoder import AudioDecoder
+from deployments.generator import CSMGenerator
+from deployments.recognizer import SpeechRecognizer
+from deployments.responder import Responder
+from deployments.tokenizer import AudioTokenizer
+from serve_app.ingress import ConversationIngress
+
+# Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
+GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
+
+
+class AppArgs(BaseModel):
+    device: str = "cpu"  # "cpu", "cuda" or "auto"; env CSM_DEVICE overrides
+    preset: str = "tiny"  # CSM preset when no weights are given
+    codec_preset: str = "tiny"
+    generator: dict = Field(default_factory=dict)  # deployments.generator.GeneratorConfig
+    decoder: dict = Field(default_factory=dict)  # deployments.decoder.DecoderConfig
+    tokenizer: dict = Field(default_factory=dict)  # deployments.tokenizer.TokenizerConfig
+    recognizer: dict = Field(default_factory=dict)  # SpeechRecognizer arguments (backend, whisper_path)
+    responder: dict = Field(default_factory=dict)  # deployments.responder.ResponderConfig
+    ingress: dict = Field(default_factory=dict)  # serve_app.ingress.IngressConfig
+
+
+def _gpu_fractions() -> dict[str, float]:
+    fractions = dict(GPU_FRACTIONS)
+    for part in filter(None, os.environ.get("CSM_GPU_FRACTIONS", "").split(",")):
+        name, _, value = part.partition(":")
+        if name not in fractions:
+            raise ValueError(f"CSM_GPU_FRACTIONS: unknown deployment {name!r}; known: {sorted(fractions)}")
+        fractions[name] = float(value)
+    return fractions
+
+
+def build_app(args: AppArgs | dict | None = None) -> Application:
+    a = AppArgs.model_validate(args or {})
+    device = os.environ.get("CSM_DEVICE", a.device)
+    gpu = device != "cpu" and (device == "cuda" or _cuda_available())
+    share = _gpu_fractions() if gpu else dict.fromkeys(GPU_FRACTIONS, 0.0)
+
+    def on(name: str) -> dict:
+        return {"ray_actor_options": {"num_cpus": 0, "num_gpus": share[name]}}
+
+    codec = {"device": device, "preset": a.codec_preset}
+    generator = CSMGenerator.options(**on("generator")).bind(
+        {"device": device, "preset": a.preset, **a.generator}
+    )
+    decoder = AudioDecoder.options(**on("decoder")).bind({**codec, **a.decoder})
+    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind({**codec, **a.tokenizer})
+    recognizer = SpeechRecognizer.options(**on("recognizer")).bind(**a.recognizer)
+    responder = Responder.bind(a.responder)
+    return ConversationIngress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+app = build_app()
+
+__all__ = ["AppArgs", "app", "build_app", "serve"]

@@ -1,0 +1,371 @@
+"""`ConversationIngress`: the HTTP and WebSocket front of the app (FastAPI inside a Serve deployment).
+
+Routes: `/` (the built page, or a placeholder until one is built), `/healthz`, `/readyz` (which weights
+run, and "random weights" loudly), `/v1/voices`, `/v1/realtime` (the realtime WebSocket), and
+`/bridge/connections/{id}` (the Lambda bridge's path). A socket's life: token check → admission (a
+bounded number of conversations) → accept → a receive loop and an emit loop → cleanup in `finally`.
+Only the emit loop writes to the socket.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at runtime
+# (a string `WebSocket` annotation would make the socket a query parameter and refuse every connection).
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from deployments.recognizer import load_vad_model
+from deployments.weights import RANDOM_WARNING, set_torch_threads
+from serve_app import protocol as p
+from serve_app.bridge import ApiGatewaySink, EventSink
+from serve_app.conversation import Conversation, Handles, Limits, Observer
+from serve_app.history import HistoryStore, check_conversation_id
+from serve_app.voices import NO_VOICE, VoiceLibrary
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class IngressConfig(BaseModel):
+    history_dir: str | None = None  # default: $HISTORY_DIR, else ./history
+    voices_dir: str | None = None  # default: $VOICES_DIR
+    default_voice: str = NO_VOICE
+    token: str | None = None  # default: $CSM_TOKEN; none: no token needed
+    frontend_dir: str | None = None  # default: frontend/dist of the checkout
+    max_conversations: int = Field(16, ge=1)
+    max_message_bytes: int = Field(p.DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    max_audio_ms_per_message: int = Field(1000, ge=20)
+    events_per_second: float = Field(50.0, gt=0)  # sustained, per conversation
+    event_burst: int = Field(100, ge=1)
+    idle_timeout_s: float = Field(600.0, gt=0)  # API Gateway's idle limit is 10 minutes too
+    limits: Limits = Field(default_factory=Limits)
+
+
+class _RateLimit:
+    """Token bucket: `events_per_second` sustained, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class _Session:
+    """A conversation plus its connection: the outbound queue and the inbound checks."""
+
+    def __init__(
+        self, conversation: Conversation, outbox: asyncio.Queue[p.ServerEvent | None], cfg: IngressConfig
+    ):
+        self.conversation = conversation
+        self.outbox = outbox
+        self.rate = _RateLimit(cfg.events_per_second, cfg.event_burst)
+        self.cfg = cfg
+
+    async def receive(self, raw: str | bytes) -> None:
+        if not self.rate.allow():
+            self.conversation._error(
+                p.ProtocolError(
+                    "rate_limited", f"over {self.cfg.events_per_second:g} events per second; event dropped"
+                )
+            )
+            return
+        try:
+            event = p.parse_client_event(
+                raw, self.cfg.max_message_bytes, max_audio_bytes=self.cfg.max_audio_ms_per_message * 48
+            )
+        except p.ProtocolError as e:
+            self.conversation._error(e)
+            return
+        await self.conversation.handle(event)
+
+
+_PLACEHOLDER = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>CSM voice</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto">
+<h1>CSM voice conversations</h1>
+<p>The server is running. The page is not built yet: the realtime API is at
+<code>/v1/realtime</code> (WebSocket), voices at <a href="/v1/voices">/v1/voices</a>,
+status at <a href="/readyz">/readyz</a>.</p>
+</body></html>
+"""
+
+
+app = FastAPI(title="CSM voice conversations", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class ConversationIngress:
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        decoder: DeploymentHandle,
+        tokenizer: DeploymentHandle,
+        recognizer: DeploymentHandle,
+        responder: DeploymentHandle,
+        config: dict | None = None,
+    ) -> None:
+        cfg = IngressConfig.model_validate(config or {})
+        self.cfg = cfg
+        self.handles = Handles(generator, decoder, tokenizer, recognizer, responder)
+        self.store = HistoryStore(cfg.history_dir or os.environ.get("HISTORY_DIR") or "history")
+        self.voices = VoiceLibrary(cfg.voices_dir or os.environ.get("VOICES_DIR"), tokenizer)
+        if not self.voices.exists(cfg.default_voice):
+            raise ValueError(f"default voice {cfg.default_voice!r} not found; known: {self.voices.names()}")
+        self.token = cfg.token or os.environ.get("CSM_TOKEN") or None
+        self.frontend = Path(cfg.frontend_dir) if cfg.frontend_dir else ROOT / "frontend" / "dist"
+        set_torch_threads(1)  # the VAD runs here, per chunk: one thread (see TurnDetector)
+        self.vad = load_vad_model()
+        self._ending: asyncio.Task | None = None
+        self.slots = asyncio.Semaphore(cfg.max_conversations)
+        self.active: dict[str, _Session] = {}
+        self.bridged: dict[str, tuple[_Session, asyncio.Task, EventSink]] = {}
+        self._m_active = metrics.Gauge("csm_conversations_active", description="Open conversations.")
+        self._m_turn = metrics.Histogram(
+            "csm_turn_latency_seconds",
+            description="End of the person's turn (detected or committed) to the first reply audio sent.",
+            boundaries=[0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5],
+        )
+        self._m_first = metrics.Histogram(
+            "csm_first_audio_seconds",
+            description="Response start to its first audio delta.",
+            boundaries=[0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5],
+        )
+        self._m_errors = metrics.Counter(
+            "csm_errors", description="Error events sent, by code.", tag_keys=("code",)
+        )
+        self._m_refused = metrics.Counter("csm_conversations_refused", description="Refused: server busy.")
+        self.observer = Observer(
+            turn_latency=self._m_turn.observe,
+            first_audio=self._m_first.observe,
+            error=lambda code: self._m_errors.inc(tags={"code": code}),
+        )
+
+    # ---- pages and health -------------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"ok": True}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        h = self.handles
+        try:
+            gen, dec, tok, asr, resp = await asyncio.wait_for(
+                asyncio.gather(
+                    h.generator.info.remote(),
+                    h.decoder.info.remote(),
+                    h.tokenizer.info.remote(),
+                    h.recognizer.info.remote(),
+                    h.responder.info.remote(),
+                ),
+                timeout=10,
+            )
+        except Exception as e:
+            return JSONResponse({"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
+        random = bool(gen["random_weights"] or dec["random_weights"] or tok["random_weights"])
+        body = {
+            "ready": True,
+            "random_weights": random,
+            "weights": {
+                "csm": gen["weights"],
+                "mimi_decoder": dec["weights"],
+                "mimi_encoder": tok["weights"],
+            },
+            "asr": asr.get("backend"),
+            "responder": resp.get("backend"),
+            "conversations": len(self.active) + len(self.bridged),
+            "max_conversations": self.cfg.max_conversations,
+        }
+        if random:
+            body["warning"] = RANDOM_WARNING.upper()
+        return JSONResponse(body)
+
+    @app.get("/v1/voices")
+    def list_voices(self) -> dict:
+        return {"voices": [{"id": name} for name in self.voices.names()], "default": self.cfg.default_voice}
+
+    @app.get("/")
+    async def index(self) -> Response:
+        page = self.frontend / "index.html"
+        if page.is_file():
+            return FileResponse(page)
+        return HTMLResponse(_PLACEHOLDER)
+
+    @app.get("/assets/{name:path}")
+    async def asset(self, name: str) -> Response:
+        base = (self.frontend / "assets").resolve()
+        path = (base / name).resolve()
+        if not path.is_relative_to(base) or not path.is_file():
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return FileResponse(path)
+
+    # ---- the realtime socket ----------------------------------------------------------------------
+    @app.websocket("/v1/realtime")
+    async def realtime(self, ws: WebSocket) -> None:
+        if not self._authorized(ws.query_params.get("token"), ws.headers.get("authorization")):
+            await ws.close(code=1008, reason="unauthorized")
+            return
+        try:
+            conversation_id = check_conversation_id(
+                ws.query_params.get("conversation_id") or p.new_id("conv")
+            )
+        except ValueError as e:
+            await ws.accept()
+            await ws.send_text(p.error_event("invalid_event", str(e), param="conversation_id").to_json())
+            await ws.close(code=1008, reason="bad conversation id")
+            return
+        await ws.accept()
+        if self.slots.locked():  # admission: refuse at once, never queue a person
+            self._m_refused.inc()
+            await ws.send_text(
+                p.error_event("server_busy", "the server is at capacity; try again shortly").to_json()
+            )
+            await ws.close(code=1013, reason="server busy")
+            return
+        async with self.slots:
+            session = await self._open(conversation_id)
+            self.active[conversation_id + id(session).__str__()] = session
+            self._m_active.set(len(self.active) + len(self.bridged))
+            emit = asyncio.create_task(self._emit(ws, session.outbox))
+            try:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(ws.receive(), timeout=self.cfg.idle_timeout_s)
+                    except TimeoutError:
+                        session.conversation.send(
+                            p.error_event("limit_exceeded", "idle for too long; closing")
+                        )
+                        break
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    raw = message.get("text") if message.get("text") is not None else message.get("bytes")
+                    await session.receive(raw or "")
+            except WebSocketDisconnect:
+                pass
+            finally:
+                await session.conversation.close()
+                session.outbox.put_nowait(None)
+                await asyncio.gather(emit, return_exceptions=True)
+                self.active.pop(conversation_id + id(session).__str__(), None)
+                self._m_active.set(len(self.active) + len(self.bridged))
+
+    async def _emit(self, ws: WebSocket, outbox: asyncio.Queue[p.ServerEvent | None]) -> None:
+        while (event := await outbox.get()) is not None:
+            try:
+                await ws.send_text(event.to_json())
+            except Exception:  # the socket is gone; the receive loop ends the conversation
+                return
+        try:
+            await ws.close()
+        except Exception:
+            pass
+
+    async def _open(self, conversation_id: str) -> _Session:
+        outbox: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()
+        history = await self.store.load(conversation_id)
+        conversation = Conversation(
+            conversation_id,
+            self.handles,
+            self.store,
+            self.voices,
+            self.vad,
+            outbox.put_nowait,
+            self.cfg.limits,
+            history,
+            self.cfg.default_voice,
+            self.observer,
+        )
+        conversation.start()
+        return _Session(conversation, outbox, self.cfg)
+
+    def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
+        if self.token is None:
+            return True
+        given = query_token
+        if given is None and authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    # ---- the Lambda bridge ------------------------------------------------------------------------
+    @serve.multiplexed(max_num_models_per_replica=4096)
+    async def _route(self, connection_id: str) -> str:
+        # With header `serve_multiplexed_model_id: <connection id>`, a connection's calls reach one replica.
+        return connection_id
+
+    @app.post("/bridge/connections/{connection_id}")
+    async def bridge_connect(self, connection_id: str, request: Request) -> JSONResponse:
+        await self._route(connection_id)
+        body = await request.json()
+        if not self._authorized(body.get("token"), request.headers.get("authorization")):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        callback = body.get("callback_url")
+        if not isinstance(callback, str) or not callback.startswith(("http://", "https://")):
+            return JSONResponse({"error": "callback_url (http or https) is required"}, status_code=400)
+        try:
+            conversation_id = check_conversation_id(body.get("conversation_id") or p.new_id("conv"))
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        if self.slots.locked():
+            self._m_refused.inc()
+            return JSONResponse({"error": "server busy"}, status_code=503)
+        await self.slots.acquire()
+        session = await self._open(conversation_id)
+        sink = ApiGatewaySink(callback, body.get("region"))
+        task = asyncio.create_task(self._bridge_emit(connection_id, session, sink))
+        self.bridged[connection_id] = (session, task, sink)
+        self._m_active.set(len(self.active) + len(self.bridged))
+        return JSONResponse({"conversation_id": conversation_id})
+
+    @app.post("/bridge/connections/{connection_id}/events")
+    async def bridge_event(self, connection_id: str, request: Request) -> JSONResponse:
+        await self._route(connection_id)
+        entry = self.bridged.get(connection_id)
+        if entry is None:
+            return JSONResponse({"error": "unknown connection"}, status_code=404)
+        await entry[0].receive(await request.body())
+        return JSONResponse({"ok": True})
+
+    @app.delete("/bridge/connections/{connection_id}")
+    async def bridge_disconnect(self, connection_id: str) -> JSONResponse:
+        await self._route(connection_id)
+        await self._bridge_end(connection_id)
+        return JSONResponse({"ok": True})
+
+    async def _bridge_emit(self, connection_id: str, session: _Session, sink: EventSink) -> None:
+        while (event := await session.outbox.get()) is not None:
+            if not await sink.send(connection_id, event.to_json()):
+                log.info("bridge %s: the connection is gone", connection_id)
+                break
+        # The person left (or the conversation closed): end it without waiting on ourselves.
+        if connection_id in self.bridged:
+            self._ending = asyncio.get_running_loop().create_task(self._bridge_end(connection_id))
+
+    async def _bridge_end(self, connection_id: str) -> None:
+        entry = self.bridged.pop(connection_id, None)
+        if entry is None:
+            return
+        session, task, _ = entry
+        await session.conversation.close()
+        session.outbox.put_nowait(None)
+        await asyncio.gather(task, return_exceptions=True)
+        self.slots.release()
+        self._m_active.set(len(self.active) + len(self.bridged))

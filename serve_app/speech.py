@@ -1,0 +1,168 @@
+"""The audio paths of a conversation, over the model deployments' handles.
+
+`InputStream`: one person's turn, encoded while they speak (chunks go to `AudioTokenizer` in the
+background, in order; a replica that lost the stream gets the turn again from its start).
+`ReplyStream`: one reply's audio: sentences go to `CSMGenerator`, its frames to `AudioDecoder` in chunks
+of 1-2 frames as soon as they exist, and PCM comes back to the caller with the frames it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from ray.serve.handle import DeploymentHandle
+
+from deployments.decoder import RECOVERY_FRAMES
+from deployments.generator import SpeechRequest
+
+log = logging.getLogger(__name__)
+
+FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+# Audio sent to the encoder per call while the person speaks: fewer, larger calls cost less than one per
+# 20 ms message, and the turn's last chunk is all that is left to encode when the turn ends.
+ENCODE_CHUNK = 4 * FRAME_SAMPLES
+
+
+class InputStream:
+    """The person's audio for one turn, encoded in the background as it arrives."""
+
+    def __init__(self, tokenizer: DeploymentHandle) -> None:
+        self.id = f"in_{uuid.uuid4().hex}"
+        self._handle = tokenizer.options(multiplexed_model_id=self.id)
+        self._audio: list[np.ndarray] = []
+        self.samples = 0
+        self._sent = 0  # samples handed to the encoder
+        self._codes: list[np.ndarray] = []
+        self._task: asyncio.Task | None = None
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Add int16 audio; never blocks (encoding runs in a background task)."""
+        if pcm.size == 0:
+            return
+        self._audio.append(pcm)
+        self.samples += pcm.size
+        if self.samples - self._sent >= ENCODE_CHUNK and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._drain(final=False))
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
+
+    async def _drain(self, final: bool) -> None:
+        while True:
+            audio = self.audio()
+            if final:
+                chunk = audio[self._sent :]
+            else:
+                whole = (audio.size - self._sent) // FRAME_SAMPLES * FRAME_SAMPLES
+                if whole < ENCODE_CHUNK:
+                    return
+                chunk = audio[self._sent : self._sent + whole]
+            codes = await self._handle.encode.remote(self._sent, chunk, final)
+            if codes is None:  # the replica lost our state: start over from the turn's first sample
+                log.info("input stream %s: encoder state lost, re-encoding the turn", self.id)
+                self._sent, self._codes = 0, []
+                continue
+            self._codes.append(codes)
+            self._sent += chunk.size
+            if final:
+                return
+
+    async def finish(self) -> np.ndarray:
+        """The turn's codes ([frames, 32] int16): waits for the encoder to take the rest of the audio."""
+        if self._task is not None:
+            await self._task
+        if self.samples == 0:
+            return np.zeros((0, 32), np.int16)
+        await self._drain(final=True)
+        return np.concatenate(self._codes) if self._codes else np.zeros((0, 32), np.int16)
+
+    async def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._sent:
+            try:
+                await self._handle.close.remote()
+            except Exception:  # the stream's slot is reclaimed by LRU anyway
+                log.warning("input stream %s: close failed", self.id, exc_info=True)
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # int16, 24 kHz
+    codes: np.ndarray  # [frames, 32] int16: the frames this audio was decoded from
+
+
+class ReplyStream:
+    """One reply's audio, sentence after sentence, as one continuous decoder stream."""
+
+    def __init__(self, generator: DeploymentHandle, decoder: DeploymentHandle, chunk_frames: int = 2) -> None:
+        self.id = f"out_{uuid.uuid4().hex}"
+        self._generator = generator.options(stream=True)
+        self._decoder = decoder.options(multiplexed_model_id=self.id)
+        self.chunk_frames = chunk_frames
+        self.frames: list[np.ndarray] = []  # every frame decoded so far, in order
+        self._started = False
+
+    async def speak(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
+        """Generate `request` and yield its audio as it is decoded. Cancelling the iteration (a barge-in)
+        cancels the generation too, which frees its engine slot at once."""
+        queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
+        stream = self._generator.generate.remote(request)
+
+        async def pump() -> None:
+            try:
+                async for frame in stream:
+                    queue.put_nowait(frame)
+                queue.put_nowait(None)
+            except BaseException as e:  # surfaced to the consumer below
+                queue.put_nowait(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+
+        pump_task = asyncio.get_running_loop().create_task(pump())
+        try:
+            done = False
+            while not done:
+                batch: list[np.ndarray] = []
+                item = await queue.get()
+                # A reply's first chunk is one frame (first audio sooner), later ones up to chunk_frames.
+                limit = self.chunk_frames if self._started else 1
+                while True:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= limit or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield await self._decode(np.stack(batch))
+        finally:
+            pump_task.cancel()
+            stream.cancel()
+
+    async def _decode(self, codes: np.ndarray) -> AudioChunk:
+        start = len(self.frames)
+        history = np.stack(self.frames[-RECOVERY_FRAMES:]) if self.frames else None
+        pcm = await self._decoder.decode.remote(start, codes, history)
+        self._started = True
+        self.frames.extend(codes)
+        return AudioChunk(pcm, codes)
+
+    def codes(self) -> np.ndarray:
+        return np.stack(self.frames) if self.frames else np.zeros((0, 32), np.int16)
+
+    async def close(self) -> None:
+        if not self.frames:
+            return
+        try:
+            await self._decoder.close.remote()
+        except Exception:
+            log.warning("reply stream %s: decoder close failed", self.id, exc_info=True)

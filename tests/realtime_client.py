@@ -1,0 +1,85 @@
+"""A small realtime-protocol client for the tests and benchmarks: a real WebSocket, JSON events."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import websockets
+
+from csm.audio import SAMPLE_RATE, read_wav, to_mimi_rate
+
+CHUNK = 1920  # 80 ms at 24 kHz
+
+
+def speech(text: str, folder: Path, lead_s: float = 1.0, tail_s: float = 1.5) -> np.ndarray:
+    """espeak-ng saying `text`, at 24 kHz int16, with silence around it (a person's turn)."""
+    wav = folder / f"say_{abs(hash(text))}.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), text], check=True)
+    audio, rate = read_wav(wav)
+    audio = to_mimi_rate(audio, rate).numpy()
+    pad = [np.zeros(int(s * SAMPLE_RATE), np.float32) for s in (lead_s, tail_s)]
+    return (np.concatenate([pad[0], audio, pad[1]]) * 32767).astype(np.int16)
+
+
+class Client:
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.events: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str, **query: str) -> Client:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        ws = await websockets.connect(f"{url}?{q}" if q else url, max_size=2**22)
+        return cls(ws)
+
+    async def send(self, type: str, **fields) -> None:
+        await self.ws.send(json.dumps({"type": type, **fields}))
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.ws.send(data)
+
+    async def recv(self, timeout: float = 60) -> dict:
+        event = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.events.append(event)
+        return event
+
+    async def until(self, type: str, timeout: float = 90) -> list[dict]:
+        """Events up to and including the first of `type`."""
+        deadline = time.monotonic() + timeout
+        out = []
+        while True:
+            event = await self.recv(max(deadline - time.monotonic(), 0.01))
+            out.append(event)
+            if event["type"] == type:
+                return out
+
+    async def stream(self, pcm: np.ndarray, realtime: float = 0.25) -> None:
+        """Send audio in 80 ms chunks, paced at `realtime` × real time (VAD reads audio, not the clock)."""
+        for i in range(0, pcm.size, CHUNK):
+            chunk = pcm[i : i + CHUNK]
+            await self.send("input_audio_buffer.append", audio=base64.b64encode(chunk.tobytes()).decode())
+            await asyncio.sleep(0.08 * realtime)
+
+    async def say_text(self, text: str) -> None:
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        await self.send("conversation.item.create", item=item)
+        await self.send("response.create")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def audio_samples(events: list[dict]) -> int:
+    return sum(
+        len(base64.b64decode(e["delta"])) // 2 for e in events if e["type"] == "response.output_audio.delta"
+    )
+
+
+def of_type(events: list[dict], type: str) -> list[dict]:
+    return [e for e in events if e["type"] == type]

@@ -1,0 +1,262 @@
+"""The whole app on a real Ray Serve (tiny random weights on CPU), driven over real WebSockets and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pytest
+import websockets
+from ray import serve
+
+from serve_app.conversation import FRAME_MS, frames_for
+from tests.conftest import APP_TOKEN, MAX_CONVERSATIONS
+from tests.realtime_client import Client, audio_samples, of_type, speech
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def app(serve_app):
+    return serve_app
+
+
+async def connect(app, **query) -> Client:
+    client = await Client.connect(app["ws"], token=APP_TOKEN, **query)
+    created = await client.recv()
+    assert created["type"] == "session.created"
+    return client
+
+
+def expected_frames(transcript: str, limit_s: float = 6.0) -> int:
+    """Random weights never emit EOS, so a one-sentence reply lasts exactly the frames allowed for it."""
+    return min(frames_for(transcript), int(limit_s * 1000 / FRAME_MS))
+
+
+async def test_health_ready_and_voices(app):
+    async with httpx.AsyncClient(base_url=app["url"], timeout=30) as http:
+        assert (await http.get("/healthz")).json() == {"ok": True}
+        ready = (await http.get("/readyz")).json()
+        assert ready["ready"] and ready["random_weights"] and "RANDOM WEIGHTS" in ready["warning"]
+        assert ready["weights"]["csm"] == "random tiny"
+        voices = (await http.get("/v1/voices")).json()
+        assert [v["id"] for v in voices["voices"]] == ["none", "narrator"]
+        page = await http.get("/")
+        assert page.status_code == 200 and "/v1/realtime" in page.text
+
+
+async def test_spoken_turn_end_to_end(app, tmp_path):
+    client = await connect(app)
+    await client.send("session.update", session={"audio": {"output": {"voice": "narrator"}}})
+    assert (await client.until("session.updated"))[-1]["session"]["audio"]["output"]["voice"] == "narrator"
+    await client.stream(speech("hello world", tmp_path))
+    events = await client.until("response.done")
+    types = [e["type"] for e in events]
+    for name in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.completed",
+        "response.created",
+        "response.output_audio.delta",
+        "response.done",
+    ):
+        assert name in types, name
+    assert types.index("input_audio_buffer.speech_started") < types.index("input_audio_buffer.speech_stopped")
+    started = of_type(events, "input_audio_buffer.speech_started")[0]
+    assert 500 <= started["audio_start_ms"] <= 1200  # speech begins at 1 s; 300 ms of prefix padding
+    transcript = of_type(events, "conversation.item.input_audio_transcription.completed")[0]["transcript"]
+    assert isinstance(transcript, str)
+    done = of_type(events, "response.done")[0]["response"]
+    assert done["status"] == "completed"
+    reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+    deltas = of_type(events, "response.output_audio.delta")
+    assert all(len(base64.b64decode(d["delta"])) // 2 in (FRAME, 2 * FRAME) for d in deltas)  # 1-2 frames
+    assert audio_samples(events) == expected_frames(reply) * FRAME
+    await client.close()
+
+
+async def test_typed_turn(app):
+    client = await connect(app)
+    await client.say_text("what is the weather like")
+    events = await client.until("response.done")
+    reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+    assert reply == "You said: what is the weather like."
+    assert audio_samples(events) == expected_frames(reply) * FRAME
+    assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
+    await client.close()
+
+
+async def test_barge_in_cancels_and_truncate_trims(app, tmp_path):
+    conversation_id = "barge_in_test"
+    client = await connect(app, conversation_id=conversation_id)
+    await client.say_text("tell me a long story about the sea and the sky")
+    first = await client.until("response.output_audio.delta")
+    item_id = first[-1]["item_id"]
+    await client.stream(speech("stop please", tmp_path, lead_s=0.3))
+    events = await client.until("response.done")
+    assert "input_audio_buffer.speech_started" in [e["type"] for e in events]
+    done = of_type(events, "response.done")[0]["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
+    # The page reports how much it played; the assistant's turn keeps just that.
+    await client.send("conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=80)
+    truncated = (await client.until("conversation.item.truncated"))[-1]
+    assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == 80
+    # The person's turn (committed at speech end) gets its reply; the conversation goes on.
+    assert (await client.until("response.done"))[-1]["response"]["status"] == "completed"
+    await client.close()
+    history = (app["args"]["ingress"]["history_dir"]) + f"/{conversation_id}.jsonl"
+    with open(history) as f:
+        records = [json.loads(line) for line in f]
+    assert any(r["kind"] == "truncate" and r["item_id"] == item_id and r["frames"] == 1 for r in records)
+
+
+async def test_response_cancel(app):
+    client = await connect(app)
+    await client.say_text("count to ten slowly please")
+    await client.until("response.output_audio.delta")
+    await client.send("response.cancel")
+    done = (await client.until("response.done"))[-1]["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    await client.send("response.cancel")  # nothing to cancel now
+    assert (await client.until("error"))[-1]["error"]["code"] == "no_active_response"
+    await client.say_text("again")
+    assert (await client.until("response.done"))[-1]["response"]["status"] == "completed"
+    await client.close()
+
+
+async def test_eight_conversations_are_batched(app):
+    generator = serve.get_deployment_handle("CSMGenerator", "csm")
+    clients = [await connect(app) for _ in range(8)]
+    await asyncio.gather(*(c.say_text(f"number {i} says hello") for i, c in enumerate(clients)))
+    results = await asyncio.gather(*(c.until("response.done") for c in clients))
+    for events in results:
+        reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+        assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
+        assert audio_samples(events) == expected_frames(reply) * FRAME
+    info = await generator.info.remote()
+    assert info["max_batch_size"] > 1
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+BAD_MESSAGES = [
+    ("not json at all", "invalid_json"),
+    (json.dumps({"type": "no.such.event"}), "unknown_event"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}), "invalid_audio"),
+    (
+        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
+        "invalid_audio",
+    ),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 200_000}), "message_too_large"),
+    (
+        json.dumps(
+            {"type": "conversation.item.truncate", "item_id": 5, "content_index": 0, "audio_end_ms": 1}
+        ),
+        "invalid_event",
+    ),
+    (
+        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 16000}}}}}),
+        "unsupported_format",
+    ),
+    (
+        json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}}),
+        "invalid_event",
+    ),
+    (json.dumps({"type": "input_audio_buffer.commit"}), "empty_buffer"),
+    (
+        json.dumps(
+            {"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0, "audio_end_ms": 1}
+        ),
+        "item_not_found",
+    ),
+    (json.dumps([1, 2, 3]), "invalid_event"),
+]
+
+
+async def test_every_bad_message_gets_one_error_and_the_conversation_goes_on(app):
+    client = await connect(app)
+    for raw, code in BAD_MESSAGES:
+        await client.send_raw(raw)
+        event = await client.recv()
+        assert event["type"] == "error", raw[:80]
+        assert event["error"]["code"] == code, (raw[:80], event)
+    await client.send_raw(b"\xff\xfe binary junk")
+    assert (await client.recv())["type"] == "error"
+    await client.say_text("still here")
+    events = await client.until("response.done")
+    assert not of_type(events, "error")
+    assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
+    await client.close()
+
+
+async def test_token_is_required(app):
+    with pytest.raises(websockets.InvalidStatus):
+        await websockets.connect(app["ws"])
+    with pytest.raises(websockets.InvalidStatus):
+        await websockets.connect(app["ws"] + "?token=wrong")
+
+
+async def test_server_busy_refusal(app):
+    clients = [await connect(app) for _ in range(MAX_CONVERSATIONS)]
+    refused = await Client.connect(app["ws"], token=APP_TOKEN)
+    event = await refused.recv()
+    assert event["type"] == "error" and event["error"]["code"] == "server_busy"
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await refused.recv()
+    assert closed.value.rcvd.code == 1013
+    await asyncio.gather(*(c.close() for c in clients))
+    await asyncio.sleep(0.5)
+    again = await connect(app)  # capacity is back once they leave
+    await again.close()
+
+
+async def test_openai_realtime_client(app, tmp_path):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key=APP_TOKEN, base_url=app["url"] + "/v1")
+    pcm = speech("hello world", tmp_path)
+    async with client.realtime.connect(model="csm-1b") as conn:
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "instructions": "Be brief.",
+                "audio": {"input": {"turn_detection": None}},
+            }
+        )
+        for i in range(0, pcm.size, 4 * FRAME):
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode(pcm[i : i + 4 * FRAME].tobytes()).decode()
+            )
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        samples, kinds = 0, []
+        async for event in conn:
+            kinds.append(event.type)
+            if event.type == "response.output_audio.delta":
+                samples += len(base64.b64decode(event.delta)) // 2
+            if event.type == "response.done":
+                assert event.response.status == "completed"
+                break
+    assert "session.updated" in kinds and "input_audio_buffer.committed" in kinds
+    assert samples > 0 and samples % FRAME == 0
+
+
+async def test_history_survives_a_restart(app):
+    from serve_app.app import build_app
+
+    client = await connect(app, conversation_id="restart_test")
+    await client.say_text("remember the blue door")
+    await client.until("response.done")
+    await client.close()
+    serve.delete("csm")
+    serve.run(build_app(app["args"]), name="csm", route_prefix="/")
+    client = await connect(app, conversation_id="restart_test")
+    await client.send("response.create")  # no new input: the echo answers the last turn it finds
+    events = await client.until("response.done")
+    assert (
+        of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+        == "You said: remember the blue door."
+    )
+    await client.close()
