@@ -33,3 +33,4 @@ test: $(STAMP) system-deps lint
 bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/codec.py --threads 1
+	$(PY) bench/serve.py

@@ -165,6 +165,48 @@ def _slot_view(state: Any, slot: int) -> Any:
     return state
 
 
+def _take_rows(state: Any, rows: Tensor) -> Any:
+    """A copy of the state holding only `rows` (slots), in that order."""
+    if isinstance(state, Tensor):
+        return state.index_select(0, rows)
+    if isinstance(state, list):
+        return [_take_rows(item, rows) for item in state]
+    if dataclasses.is_dataclass(state):
+        taken = {f.name: _take_rows(getattr(state, f.name), rows) for f in dataclasses.fields(state)}
+        return dataclasses.replace(state, **taken)
+    return state
+
+
+def _put_rows(state: Any, rows: Tensor, part: Any) -> None:
+    """Write `part` (from `_take_rows(state, rows)`, since updated) back into `state`'s `rows`."""
+    if isinstance(state, Tensor):
+        state.index_copy_(0, rows, part)
+    elif isinstance(state, list):
+        for item, piece in zip(state, part, strict=True):
+            _put_rows(item, rows, piece)
+    elif dataclasses.is_dataclass(state):
+        for f in dataclasses.fields(state):
+            _put_rows(getattr(state, f.name), rows, getattr(part, f.name))
+
+
+def _run_active(step, state: Any, active: Tensor, x: Tensor, *args: Any) -> Tensor:
+    """`step(state, x, active, *args)` for the active slots only, when they are a minority.
+
+    The step functions compute every slot and mask the result (fixed shapes, as a captured graph wants);
+    with few streams among many slots that costs the idle slots' compute too, which on CPU dominates.
+    So gather the active slots' state, run them alone, and scatter it back. Output rows of inactive
+    slots are zeros, as the masked path gives.
+    """
+    rows = active.nonzero()[:, 0]
+    if rows.numel() == 0 or rows.numel() * 2 > active.numel() or x.device.type == "cuda":
+        return step(state, x, active, *args)
+    part = _take_rows(state, rows)
+    out_rows = step(part, x.index_select(0, rows), torch.ones_like(rows, dtype=torch.bool), *args)
+    _put_rows(state, rows, part)
+    out = out_rows.new_zeros(active.shape[0], *out_rows.shape[1:])
+    return out.index_copy_(0, rows, out_rows)
+
+
 # ---------------------------------------------------------------------------------------------- state setup
 
 
@@ -408,7 +450,8 @@ class StreamingDecoder:
         if not 0 < codes.shape[2] <= self.max_frames_per_step:
             raise ValueError(f"{codes.shape[2]} frames in one step; allowed 1..{self.max_frames_per_step}")
         active = self.active if advance is None else self.active & advance.to(self.active.device)
-        pcm = _decode_chunk(self.codec.parts, self._state, codes.to(self.active.device), active)
+        decode = lambda st, c, a: _decode_chunk(self.codec.parts, st, c, a)  # noqa: E731
+        pcm = _run_active(decode, self._state, active, codes.to(self.active.device))
         return torch.where(active[:, None], pcm, 0.0)
 
     @torch.no_grad()
@@ -512,7 +555,8 @@ class StreamingEncoder:
                 if count:
                     chunk[slot, 0] = self._pending[slot][:length]
                     self._pending[slot] = self._pending[slot][length:]
-            codes = _encode_chunk(self.codec.parts, self._state, chunk, active)
+            encode = lambda st, x, a: _encode_chunk(self.codec.parts, st, x, a)  # noqa: E731
+            codes = _run_active(encode, self._state, active, chunk)
             for slot, count in enumerate(ready):
                 if count:
                     out[slot].append(codes[slot])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
@@ -30,6 +30,8 @@ __all__ = ["RECOVERY_FRAMES", "AudioDecoder", "DecoderConfig"]
 
 
 class DecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     mimi_path: str | None = None  # default: $MIMI_PATH, else the codec inside $MODEL_PATH
     model_path: str | None = None
     preset: str = "tiny"  # random codec preset when no weights are found

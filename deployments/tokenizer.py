@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
@@ -29,6 +29,8 @@ __all__ = ["AudioTokenizer", "TokenizerConfig"]
 
 
 class TokenizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     mimi_path: str | None = None
     model_path: str | None = None
     preset: str = "tiny"

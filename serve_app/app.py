@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from deployments.decoder import AudioDecoder
-from deployments.generator import CSMGenerator
+from deployments.decoder import AudioDecoder, DecoderConfig
+from deployments.generator import CSMGenerator, GeneratorConfig
 from deployments.recognizer import SpeechRecognizer
-from deployments.responder import Responder
-from deployments.tokenizer import AudioTokenizer
-from serve_app.ingress import ConversationIngress
+from deployments.responder import Responder, ResponderConfig
+from deployments.tokenizer import AudioTokenizer, TokenizerConfig
+from serve_app.ingress import ConversationIngress, IngressConfig
 
 # Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
 GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
 
 
 class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     device: str = "cpu"  # "cpu", "cuda" or "auto"; env CSM_DEVICE overrides
     preset: str = "tiny"  # CSM preset when no weights are given
     codec_preset: str = "tiny"
@@ -58,14 +60,25 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     share = _gpu_fractions() if gpu else dict.fromkeys(GPU_FRACTIONS, 0.0)
 
     def on(name: str) -> dict:
-        return {"ray_actor_options": {"num_cpus": 0, "num_gpus": share[name]}}
+        options: dict = {"ray_actor_options": {"num_cpus": 0, "num_gpus": share[name]}}
+        if name in ("decoder", "tokenizer"):
+            # Called every 80-160 ms per conversation: a log line per call costs CPU and disk for nothing.
+            options["logging_config"] = {"enable_access_log": False}
+        return options
 
     codec = {"device": device, "preset": a.codec_preset}
-    generator = CSMGenerator.options(**on("generator")).bind(
-        {"device": device, "preset": a.preset, **a.generator}
-    )
-    decoder = AudioDecoder.options(**on("decoder")).bind({**codec, **a.decoder})
-    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind({**codec, **a.tokenizer})
+    # Validated here, so a bad config fails `serve run` at once instead of in a replica's constructor.
+    gen_cfg = GeneratorConfig.model_validate({"device": device, "preset": a.preset, **a.generator})
+    dec_cfg = DecoderConfig.model_validate({**codec, **a.decoder})
+    tok_cfg = TokenizerConfig.model_validate({**codec, **a.tokenizer})
+    ResponderConfig.model_validate(a.responder)
+    IngressConfig.model_validate(a.ingress)
+    backend = a.recognizer.get("backend", "pocketsphinx")
+    if backend not in ("pocketsphinx", "whisper"):
+        raise ValueError(f"recognizer.backend must be 'pocketsphinx' or 'whisper', not {backend!r}")
+    generator = CSMGenerator.options(**on("generator")).bind(gen_cfg.model_dump())
+    decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg.model_dump())
+    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg.model_dump())
     recognizer = SpeechRecognizer.options(**on("recognizer")).bind(**a.recognizer)
     responder = Responder.bind(a.responder)
     return ConversationIngress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)

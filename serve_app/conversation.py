@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.handle import DeploymentHandle
 
 from csm.engine import EngineFull
@@ -43,6 +43,8 @@ SAMPLES_PER_MS = p.SAMPLE_RATE // 1000
 
 class Limits(BaseModel):
     """Per-conversation limits (DESIGN section 7); the README lists them."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_turn_seconds: float = Field(60.0, gt=0)  # the person's audio in one turn
     max_reply_seconds: float = Field(30.0, gt=0)  # audio in one reply (a client may ask for less)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class IngressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     history_dir: str | None = None  # default: $HISTORY_DIR, else ./history
     voices_dir: str | None = None  # default: $VOICES_DIR
     default_voice: str = NO_VOICE

@@ -100,24 +100,23 @@ class AudioChunk:
 class ReplyStream:
     """One reply's audio, sentence after sentence, as one continuous decoder stream."""
 
-    def __init__(self, generator: DeploymentHandle, decoder: DeploymentHandle, chunk_frames: int = 2) -> None:
+    def __init__(self, generator: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.id = f"out_{uuid.uuid4().hex}"
         self._generator = generator.options(stream=True)
         self._decoder = decoder.options(multiplexed_model_id=self.id)
-        self.chunk_frames = chunk_frames
         self.frames: list[np.ndarray] = []  # every frame decoded so far, in order
-        self._started = False
 
     async def speak(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
-        """Generate `request` and yield its audio as it is decoded. Cancelling the iteration (a barge-in)
-        cancels the generation too, which frees its engine slot at once."""
+        """Generate `request` and yield its audio chunk by chunk (the generator's chunks: the first frame
+        alone, then 2 frames). Decoding runs while the next frames are made. Leaving the iteration (a
+        barge-in) cancels the generation too, which frees its engine slot at once."""
         queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
         stream = self._generator.generate.remote(request)
 
         async def pump() -> None:
             try:
-                async for frame in stream:
-                    queue.put_nowait(frame)
+                async for frames in stream:
+                    queue.put_nowait(frames)
                 queue.put_nowait(None)
             except BaseException as e:  # surfaced to the consumer below
                 queue.put_nowait(e)
@@ -126,24 +125,10 @@ class ReplyStream:
 
         pump_task = asyncio.get_running_loop().create_task(pump())
         try:
-            done = False
-            while not done:
-                batch: list[np.ndarray] = []
-                item = await queue.get()
-                # A reply's first chunk is one frame (first audio sooner), later ones up to chunk_frames.
-                limit = self.chunk_frames if self._started else 1
-                while True:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
-                    if len(batch) >= limit or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if batch:
-                    yield await self._decode(np.stack(batch))
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield await self._decode(item)
         finally:
             pump_task.cancel()
             stream.cancel()
@@ -152,7 +137,6 @@ class ReplyStream:
         start = len(self.frames)
         history = np.stack(self.frames[-RECOVERY_FRAMES:]) if self.frames else None
         pcm = await self._decoder.decode.remote(start, codes, history)
-        self._started = True
         self.frames.extend(codes)
         return AudioChunk(pcm, codes)
 

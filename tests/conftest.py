@@ -75,7 +75,19 @@ def serve_app(tmp_path_factory):
     write_wav(voices / "narrator.wav", torch.from_numpy(pcm.astype("float32") / 32768))
     (voices / "narrator.txt").write_text("This is my voice.")
     args = app_args(tmp_path_factory.mktemp("history"), voices)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Dummy AWS credentials: the bridge's boto3 client signs its posts to the local @connections stand-in.
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": aws},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="csm", route_prefix="/")
     try:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from ray import serve
@@ -260,3 +264,81 @@ async def test_history_survives_a_restart(app):
         == "You said: remember the blue door."
     )
     await client.close()
+
+
+async def test_decoder_rebuilds_a_lost_stream_from_its_history(app):
+    """A reply's chunk reaching a replica without its state (restarted, evicted) is decoded after the
+    state is rebuilt from the frames sent with it, instead of failing or starting from silence."""
+    decoder = serve.get_deployment_handle("AudioDecoder", "csm")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 2048, (12, 32)).astype(np.int16)
+    before = (await decoder.info.remote())["recoveries"]
+    lost = decoder.options(multiplexed_model_id="out_never_seen")
+    pcm = await lost.decode.remote(10, frames[10:12], frames[:10])
+    assert pcm.dtype == np.int16 and pcm.shape == (2 * FRAME,)
+    assert (await decoder.info.remote())["recoveries"] == before + 1
+    with pytest.raises(ValueError, match="no history"):
+        await decoder.options(multiplexed_model_id="out_other").decode.remote(5, frames[:1])
+    await lost.close.remote()
+
+
+async def test_encoder_asks_for_the_turn_again_when_it_lost_the_stream(app):
+    tokenizer = serve.get_deployment_handle("AudioTokenizer", "csm")
+    pcm = (np.random.default_rng(1).standard_normal(4 * FRAME) * 3000).astype(np.int16)
+    stream = tokenizer.options(multiplexed_model_id="in_never_seen")
+    assert await stream.encode.remote(FRAME, pcm) is None  # mid-turn, no state here: resend from 0
+    codes = await stream.encode.remote(0, pcm, True)
+    assert codes.shape == (4, 32) and codes.dtype == np.int16
+
+
+async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
+    """The Lambda path: events are posted for a connection id, replies go out through boto3's
+    `apigatewaymanagementapi` client to the callback URL (here a local stand-in for API Gateway)."""
+    received: list[tuple[str, dict]] = []
+
+    class Connections(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((unquote(self.path), json.loads(body)))
+            self.send_response(200)
+            self.end_headers()
+
+        def do_DELETE(self):
+            received.append((unquote(self.path), {}))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Connections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    callback = f"http://127.0.0.1:{server.server_address[1]}"
+    connection = "conn-abc123="
+    headers = {"serve_multiplexed_model_id": connection}
+    try:
+        async with httpx.AsyncClient(base_url=app["url"], timeout=30, headers=headers) as http:
+            path = f"/bridge/connections/{connection}"
+            bad = await http.post(path, json={"callback_url": callback, "token": "wrong"})
+            assert bad.status_code == 401
+            opened = await http.post(path, json={"callback_url": callback, "token": APP_TOKEN})
+            assert opened.status_code == 200
+            item = {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "over the bridge"}],
+            }
+            for event in ({"type": "conversation.item.create", "item": item}, {"type": "response.create"}):
+                assert (await http.post(path + "/events", content=json.dumps(event))).status_code == 200
+            for _ in range(300):
+                if any(body.get("type") == "response.done" for _, body in received):
+                    break
+                await asyncio.sleep(0.1)
+            assert (await http.delete(path)).status_code == 200
+            assert (await http.post(path + "/events", content="{}")).status_code == 404
+    finally:
+        server.shutdown()
+    events = [body for where, body in received if where == f"/@connections/{connection}"]
+    types = [e.get("type") for e in events]
+    assert types[0] == "session.created" and "response.done" in types
+    assert audio_samples(events) > 0
