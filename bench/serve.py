@@ -52,6 +52,18 @@ def reply_text(text: str) -> str:
     return f"You said: {text}."  # the echo responder's reply
 
 
+async def _people(person, n: int) -> dict:
+    """Run `person(i)` for n people at once: total frames, wall time, every turn's latency."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(person(i) for i in range(n)))
+    wall = time.perf_counter() - start
+    return {
+        "frames": sum(f for f, _ in results),
+        "wall": wall,
+        "latencies": [x for _, lat in results for x in lat],
+    }
+
+
 async def serve_run(url: str, n: int, turns: int) -> dict:
     async def person(i: int) -> tuple[int, list[float]]:
         client = await Client.connect(url)
@@ -73,14 +85,7 @@ async def serve_run(url: str, n: int, turns: int) -> dict:
         await client.close()
         return frames, latencies
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(person(i) for i in range(n)))
-    wall = time.perf_counter() - start
-    return {
-        "frames": sum(f for f, _ in results),
-        "wall": wall,
-        "latencies": [x for _, lat in results for x in lat],
-    }
+    return await _people(person, n)
 
 
 async def direct_run(engine: AsyncEngine, builder: PromptBuilder, n: int, turns: int, seed: int) -> dict:
@@ -104,14 +109,7 @@ async def direct_run(engine: AsyncEngine, builder: PromptBuilder, n: int, turns:
             context.append(Segment(ASSISTANT, reply, torch.from_numpy(np.stack(codes) % 2048)))
         return frames, latencies
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(person(i) for i in range(n)))
-    wall = time.perf_counter() - start
-    return {
-        "frames": sum(f for f, _ in results),
-        "wall": wall,
-        "latencies": [x for _, lat in results for x in lat],
-    }
+    return await _people(person, n)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -153,28 +153,26 @@ class _EncoderStreamState:
         self.downsample.reset(mask)
 
 
+def _map_tensors(state: Any, fn) -> Any:
+    """The same nested state (dataclasses and lists of tensors) with `fn` applied to every tensor."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, list):
+        return [_map_tensors(item, fn) for item in state]
+    if dataclasses.is_dataclass(state):
+        mapped = {f.name: _map_tensors(getattr(state, f.name), fn) for f in dataclasses.fields(state)}
+        return dataclasses.replace(state, **mapped)
+    return state
+
+
 def _slot_view(state: Any, slot: int) -> Any:
     """The same state narrowed to one slot. Views: in-place updates land in the batched state."""
-    if isinstance(state, Tensor):
-        return state[slot : slot + 1]
-    if isinstance(state, list):
-        return [_slot_view(item, slot) for item in state]
-    if dataclasses.is_dataclass(state):
-        narrowed = {f.name: _slot_view(getattr(state, f.name), slot) for f in dataclasses.fields(state)}
-        return dataclasses.replace(state, **narrowed)
-    return state
+    return _map_tensors(state, lambda t: t[slot : slot + 1])
 
 
 def _take_rows(state: Any, rows: Tensor) -> Any:
     """A copy of the state holding only `rows` (slots), in that order."""
-    if isinstance(state, Tensor):
-        return state.index_select(0, rows)
-    if isinstance(state, list):
-        return [_take_rows(item, rows) for item in state]
-    if dataclasses.is_dataclass(state):
-        taken = {f.name: _take_rows(getattr(state, f.name), rows) for f in dataclasses.fields(state)}
-        return dataclasses.replace(state, **taken)
-    return state
+    return _map_tensors(state, lambda t: t.index_select(0, rows))
 
 
 def _put_rows(state: Any, rows: Tensor, part: Any) -> None:

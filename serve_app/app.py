@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
 from ray.serve import Application
 
 from deployments.decoder import AudioDecoder, DecoderConfig
@@ -92,4 +91,4 @@ def _cuda_available() -> bool:
 
 app = build_app()
 
-__all__ = ["AppArgs", "app", "build_app", "serve"]
+__all__ = ["AppArgs", "app", "build_app"]

@@ -160,9 +160,10 @@ class Conversation:
         except p.ProtocolError as e:
             if e.event_id is None:
                 e.event_id = event.event_id
-            self._error(e)
+            self.report(e)
 
-    def _error(self, e: p.ProtocolError) -> None:
+    def report(self, e: p.ProtocolError) -> None:
+        """Send one `error` event for `e` (and count it); the conversation goes on."""
         self.observe.error(e.code)
         self.send(e.to_event())
 
@@ -251,7 +252,7 @@ class Conversation:
         room = limit - self.turn.stream.samples
         self.turn.stream.push(pcm[: max(room, 0)])
         if room < pcm.size:
-            self._error(
+            self.report(
                 p.ProtocolError(
                     "limit_exceeded",
                     f"a turn holds at most {self.limits.max_turn_seconds:g} s of audio; it was ended there",
@@ -287,7 +288,7 @@ class Conversation:
             )
         except Exception as e:
             log.exception("conversation %s: turn %s failed", self.id, turn.item_id)
-            self._error(p.ProtocolError("response_failed", f"processing the turn failed: {type(e).__name__}"))
+            self.report(p.ProtocolError("response_failed", f"processing the turn failed: {type(e).__name__}"))
             return
         await asyncio.gather(*earlier, return_exceptions=True)
         item = p.Item(id=turn.item_id, role="user", content=[p.InputAudio(transcript=text)])
@@ -482,7 +483,7 @@ class Conversation:
             self.reply = None
 
     def _failed(self, code: p.ErrorCode, message: str) -> p.ResponseStatusDetails:
-        self._error(p.ProtocolError(code, message))
+        self.report(p.ProtocolError(code, message))
         return p.ResponseStatusDetails(
             type="failed", error=p.ResponseError(type="server_error", code=code, message=message)
         )

@@ -84,7 +84,7 @@ class _Session:
 
     async def receive(self, raw: str | bytes) -> None:
         if not self.rate.allow():
-            self.conversation._error(
+            self.conversation.report(
                 p.ProtocolError(
                     "rate_limited", f"over {self.cfg.events_per_second:g} events per second; event dropped"
                 )
@@ -95,7 +95,7 @@ class _Session:
                 raw, self.cfg.max_message_bytes, max_audio_bytes=self.cfg.max_audio_ms_per_message * 48
             )
         except p.ProtocolError as e:
-            self.conversation._error(e)
+            self.conversation.report(e)
             return
         await self.conversation.handle(event)
 
@@ -139,7 +139,7 @@ class ConversationIngress:
         self.vad = load_vad_model()
         self._ending: asyncio.Task | None = None
         self.slots = asyncio.Semaphore(cfg.max_conversations)
-        self.active: dict[str, _Session] = {}
+        self.active: dict[int, _Session] = {}
         self.bridged: dict[str, tuple[_Session, asyncio.Task, EventSink]] = {}
         self._m_active = metrics.Gauge("csm_conversations_active", description="Open conversations.")
         self._m_turn = metrics.Histogram(
@@ -245,7 +245,7 @@ class ConversationIngress:
             return
         async with self.slots:
             session = await self._open(conversation_id)
-            self.active[conversation_id + id(session).__str__()] = session
+            self.active[id(session)] = session
             self._m_active.set(len(self.active) + len(self.bridged))
             emit = asyncio.create_task(self._emit(ws, session.outbox))
             try:
@@ -267,7 +267,7 @@ class ConversationIngress:
                 await session.conversation.close()
                 session.outbox.put_nowait(None)
                 await asyncio.gather(emit, return_exceptions=True)
-                self.active.pop(conversation_id + id(session).__str__(), None)
+                self.active.pop(id(session), None)
                 self._m_active.set(len(self.active) + len(self.bridged))
 
     async def _emit(self, ws: WebSocket, outbox: asyncio.Queue[p.ServerEvent | None]) -> None:
