@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -118,7 +119,6 @@ def pct(values: list[float], q: float) -> float:
 
 def start_app(preset: str, threads: int, slots: int) -> str:
     import ray
-    from ray import serve
 
     from serve_app.app import build_app
 
@@ -169,10 +169,35 @@ async def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    generator = serve.get_deployment_handle("CSMGenerator", "csm")
+
+    async def steps_of(run, info):
+        """Await `run` (a coroutine, not started yet); add its frame steps' mean batch and median ms."""
+        before = (await info())["frame_steps"]
+        result = await run
+        after = await info()
+        new = min(after["frame_steps"] - before, len(after["recent_batch_sizes"]))
+        sizes, times = after["recent_batch_sizes"][-new:], after["recent_step_seconds"][-new:]
+        result["batch"] = statistics.mean(sizes) if sizes else float("nan")
+        result["step_ms"] = statistics.median(times) * 1000 if times else float("nan")
+        return result
+
+    async def direct_info() -> dict:
+        st = engine.engine.stats
+        return {
+            "frame_steps": st.frame_steps,
+            "recent_batch_sizes": list(st.batch_sizes),
+            "recent_step_seconds": list(st.step_seconds),
+        }
+
+    steps_table = []
     for n in counts:
         # Alternate the two sides and keep each one's best run: this shared VM drifts by ±20% in a minute.
         runs = [
-            (await serve_run(url, n, args.turns), await direct_run(engine, builder, n, args.turns, n))
+            (
+                await steps_of(serve_run(url, n, args.turns), generator.info.remote),
+                await steps_of(direct_run(engine, builder, n, args.turns, n), direct_info),
+            )
             for _ in range(args.repeats)
         ]
         s = max((r[0] for r in runs), key=lambda r: r["frames"] / r["wall"])
@@ -184,8 +209,13 @@ async def main() -> None:
             f"{pct(d['latencies'], 50):>14.0f} / {pct(d['latencies'], 95):>14.0f}"
         )
         sys.stdout.flush()
+        steps_table.append((n, s["batch"], d["batch"], s["step_ms"], d["step_ms"]))
         assert s["frames"] == d["frames"], "both sides must make the same frames"
     engine.close()
+    print("\nthe generator's frame steps in those runs: mean batch size and median step time")
+    print(f"{'convs':>5} | {'serve batch':>11} | {'direct batch':>12} | {'serve ms':>8} | {'direct ms':>9}")
+    for n, sb, db, sm, dm in steps_table:
+        print(f"{n:>5} | {sb:>11.2f} | {db:>12.2f} | {sm:>8.1f} | {dm:>9.1f}")
     print(f"mean frames per reply: {statistics.mean([frames_for(reply_text(turn_text(0, 0)))]):.0f}")
 
 

@@ -140,6 +140,9 @@ class CSMGenerator:
             "frames": stats.frames,
             "frame_steps": stats.frame_steps,
             "max_batch_size": max(stats.batch_sizes, default=0),
+            # The most recent frame steps (bounded), for benchmarks that compare batch and step time.
+            "recent_batch_sizes": list(stats.batch_sizes),
+            "recent_step_seconds": list(stats.step_seconds),
         }
 
     def check_health(self) -> None:

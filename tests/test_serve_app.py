@@ -342,3 +342,28 @@ async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
     types = [e.get("type") for e in events]
     assert types[0] == "session.created" and "response.done" in types
     assert audio_samples(events) > 0
+
+
+async def test_a_full_generator_fails_the_reply_not_the_conversation(app):
+    """Every engine slot taken: the reply ends with `server_busy` at once (never a hang), and the next
+    reply works once slots are free again."""
+    from deployments.generator import SpeechRequest
+
+    generator = serve.get_deployment_handle("CSMGenerator", "csm").options(stream=True)
+    slots = (await serve.get_deployment_handle("CSMGenerator", "csm").info.remote())["max_slots"]
+    hogs = [generator.generate.remote(SpeechRequest(text="hold", max_frames=2000 // 8)) for _ in range(slots)]
+    for hog in hogs:
+        await hog.__anext__()  # each holds a slot once its first frame exists
+    client = await connect(app)
+    try:
+        await client.say_text("is anyone there")
+        events = await client.until("response.done")
+        assert [e["error"]["code"] for e in of_type(events, "error")] == ["server_busy"]
+        assert of_type(events, "response.done")[0]["response"]["status"] == "failed"
+    finally:
+        for hog in hogs:
+            hog.cancel()
+    await asyncio.sleep(1.0)
+    await client.say_text("and now")
+    assert (await client.until("response.done"))[-1]["response"]["status"] == "completed"
+    await client.close()
