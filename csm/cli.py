@@ -96,6 +96,29 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    """Fetch a checkpoint from the Hugging Face Hub (needs the internet and, for gated repos, a token)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    token = args.token or os.environ.get("HF_TOKEN")
+    try:
+        path = snapshot_download(args.repo, revision=args.revision, local_dir=args.dir, token=token)
+    except LocalEntryNotFoundError as e:
+        print(f"could not download {args.repo}: no connection to the Hub ({e})", file=sys.stderr)
+        return 1
+    except HfHubHTTPError as e:  # 401/403: gated repo without access; 404: wrong name
+        print(f"could not download {args.repo}: {e}", file=sys.stderr)
+        if token is None:
+            print(
+                "sesame/csm-1b is gated: accept its terms on the Hub and pass --token or HF_TOKEN",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"downloaded {args.repo} to {path}\nrun with: MODEL_PATH={path} make demo")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csm-demo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,10 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--streams", type=int, default=4)
     gen.add_argument("--frames", type=int, default=24)
     gen.add_argument("--stagger", type=float, default=0.05, help="seconds between stream starts")
+    down = sub.add_parser(
+        "download", help="fetch the CSM checkpoint from the Hugging Face Hub (with progress)"
+    )
+    down.add_argument("--repo", default="sesame/csm-1b")
+    down.add_argument("--revision", default=None)
+    down.add_argument("--dir", default="weights/csm-1b", help="where to put it (default: weights/csm-1b)")
+    down.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return asyncio.run(_generate(args))
+    if args.command == "download":
+        return _download(args)
     return 2
 
 

@@ -45,3 +45,13 @@ def test_demo_refuses_a_sesame_checkpoint_without_a_tokenizer(hf_tiny_dir, tmp_p
     write_llama3_tokenizer(tmp_path)
     out = demo(env={"MODEL_PATH": str(sesame), "TOKENIZER_PATH": str(tmp_path)})
     assert f"model: {sesame} (sesame)" in out.stdout
+
+
+def test_download_without_a_connection_fails_clearly(tmp_path):
+    """`csm-demo download` is never run for real in tests (no internet); offline it must say why, not hang."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cmd = [sys.executable, "-m", "csm.cli", "download", "--dir", str(tmp_path / "w")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1
+    assert "could not download sesame/csm-1b" in out.stderr
