@@ -126,6 +126,9 @@ def start_app(preset: str, threads: int, slots: int) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["CSM_TORCH_THREADS"] = "1"  # codec, ASR, ingress; the generator gets `threads` below
+    # Ray starts workers at nice 15; the direct engine runs here at nice 0, beside this process's clients.
+    # Same priority on both sides (a real server has no load generator on its cores).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
