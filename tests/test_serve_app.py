@@ -367,3 +367,24 @@ async def test_a_full_generator_fails_the_reply_not_the_conversation(app):
     await client.say_text("and now")
     assert (await client.until("response.done"))[-1]["response"]["status"] == "completed"
     await client.close()
+
+
+async def test_too_many_events_are_refused_and_the_conversation_goes_on(app):
+    """Past the burst (100 events) at 50 events/s, events are dropped with `rate_limited` errors."""
+    client = await connect(app)
+    silence = base64.b64encode(np.zeros(480, np.int16).tobytes()).decode()
+    message = json.dumps({"type": "input_audio_buffer.append", "audio": silence})
+    await asyncio.gather(*(client.send_raw(message) for _ in range(160)))
+    errors = []
+    while True:
+        try:
+            event = await client.recv(timeout=2)
+        except TimeoutError:
+            break
+        if event["type"] == "error":
+            errors.append(event["error"]["code"])
+    assert errors and set(errors) == {"rate_limited"} and len(errors) < 160 - 90
+    await asyncio.sleep(1.0)  # the bucket refills
+    await client.say_text("calm again")
+    assert (await client.until("response.done"))[-1]["response"]["status"] == "completed"
+    await client.close()
