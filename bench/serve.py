@@ -175,23 +175,22 @@ async def main() -> None:
     generator = serve.get_deployment_handle("CSMGenerator", "csm")
 
     async def steps_of(run, info):
-        """Await `run` (a coroutine, not started yet); add its frame steps' mean batch and median ms."""
+        """Await `run` (a coroutine, not started yet); add its frame steps' mean batch and median ms.
+        `info(steps_since=None)` is the generator's `info` (or the same for the direct engine)."""
         before = (await info())["frame_steps"]
         result = await run
-        after = await info()
-        new = min(after["frame_steps"] - before, len(after["recent_batch_sizes"]))
-        sizes, times = after["recent_batch_sizes"][-new:], after["recent_step_seconds"][-new:]
+        after = await info(steps_since=before)
+        sizes, times = after["batch_sizes"], after["step_seconds"]
         result["batch"] = statistics.mean(sizes) if sizes else float("nan")
         result["step_ms"] = statistics.median(times) * 1000 if times else float("nan")
         return result
 
-    async def direct_info() -> dict:
-        st = engine.engine.stats
-        return {
-            "frame_steps": st.frame_steps,
-            "recent_batch_sizes": list(st.batch_sizes),
-            "recent_step_seconds": list(st.step_seconds),
-        }
+    async def direct_info(steps_since: int | None = None) -> dict:
+        stats = engine.engine.stats
+        info: dict = {"frame_steps": stats.frame_steps}
+        if steps_since is not None:
+            info["batch_sizes"], info["step_seconds"] = stats.steps_since(steps_since)
+        return info
 
     steps_table = []
     for n in counts:

@@ -130,6 +130,14 @@ class _Stats:
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT))
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
+    def steps_since(self, frame_steps: int) -> tuple[list[int], list[float]]:
+        """Batch sizes and wall times of the frame steps after the first `frame_steps` (those still kept).
+
+        Safe from another thread: the engine thread only appends, and the two deques are read together."""
+        sizes, times = list(self.batch_sizes), list(self.step_seconds)
+        n = min(self.frame_steps - frame_steps, len(sizes), len(times))
+        return sizes[len(sizes) - n :], times[len(times) - n :]
+
 
 class Engine:
     def __init__(self, model: CSM, config: EngineConfig | None = None) -> None:

@@ -15,36 +15,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 from ray.serve import metrics
 
 from csm.codec import NUM_CODEBOOKS
 from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder
-from deployments.streams import MAX_STREAM_IDS, BatchLoop, Stream, StreamTable
-from deployments.weights import load_mimi, pick_device, set_torch_threads
+from deployments.streams import CodecConfig, CodecReplica, Stream
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RECOVERY_FRAMES", "AudioDecoder", "DecoderConfig"]
 
 
-class DecoderConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mimi_path: str | None = None  # default: $MIMI_PATH, else the codec inside $MODEL_PATH
-    model_path: str | None = None
-    preset: str = "tiny"  # random codec preset when no weights are found
-    device: str = "auto"
-    num_slots: int = Field(32, ge=1)
+class DecoderConfig(CodecConfig):
     max_frames_per_call: int = Field(4, ge=1, le=16)
-    torch_threads: int | None = Field(None, ge=1)
-
-
-class DecoderOptions(BaseModel):
-    """`user_config`: may change while running."""
-
-    max_batch_size: int = Field(32, ge=1)
 
 
 @dataclass
@@ -56,42 +41,26 @@ class _Chunk:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-class AudioDecoder:
+class AudioDecoder(CodecReplica):
     def __init__(self, config: dict | None = None) -> None:
         cfg = DecoderConfig.model_validate(config or {})
-        set_torch_threads(cfg.torch_threads)
-        codec, self.weights = load_mimi(cfg.mimi_path, cfg.model_path, cfg.preset, pick_device(cfg.device))
+        codec = self._setup(
+            cfg, self._step, "csm_decoder_batch_size", "Reply streams decoded together in one Mimi step."
+        )
+        self.codebook_size = codec.config.codebook_size
         self.max_frames_per_call = cfg.max_frames_per_call
         self.decoder = StreamingDecoder(codec, cfg.num_slots, max_frames_per_step=cfg.max_frames_per_call)
-        self.streams = StreamTable(cfg.num_slots)
-        self._batch_size = metrics.Histogram(
-            "csm_decoder_batch_size",
-            description="Reply streams decoded together in one Mimi step.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-        )
         self._recoveries = metrics.Counter(
             "csm_decoder_recoveries", description="Decoder states rebuilt from a reply's recent frames."
         )
         self.recoveries = 0
-        self.loop = BatchLoop(self._step, DecoderOptions().max_batch_size, self._batch_size.observe)
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.loop.max_batch = DecoderOptions.model_validate(user_config).max_batch_size
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
-    async def _route(self, stream_id: str) -> str:
-        # Only for Serve's routing affinity: the state itself lives in `self.streams`.
-        return stream_id
 
     async def decode(self, start: int, codes: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         """PCM16 audio ([k * 1920] int16, 24 kHz) of frames `start .. start + k` of the stream named by
         the request's multiplexed model id. codes: [k, 32]; history: the frames before `start` (the last
         RECOVERY_FRAMES are used if this replica lacks the stream's state)."""
-        stream_id = serve.get_multiplexed_model_id()
-        if not stream_id:
-            raise ValueError("decode needs multiplexed_model_id=<stream id>")
-        await self._route(stream_id)
-        codes = _check_codes(codes, "codes")
+        stream_id = await self._stream_id("decode")
+        codes = self._check_codes(codes, "codes")
         if not 1 <= codes.shape[0] <= self.max_frames_per_call:
             raise ValueError(f"{codes.shape[0]} frames in one call; allowed 1..{self.max_frames_per_call}")
         stream = self.streams.get(stream_id)
@@ -102,12 +71,13 @@ class AudioDecoder:
                     f"stream {stream_id!r}: no state for frame {start} and no history to rebuild it"
                 )
             stream = self.streams.open(stream_id)
-            stream.position = start
             if start > 0:
                 self.recoveries += 1
                 self._recoveries.inc()
                 log.info("decoder: rebuilding stream %s at frame %d", stream_id, start)
-        replay = _check_codes(history, "history")[-RECOVERY_FRAMES:] if needs_state and start > 0 else None
+        replay = (
+            self._check_codes(history, "history")[-RECOVERY_FRAMES:] if needs_state and start > 0 else None
+        )
         chunk = _Chunk(stream, codes, needs_state, replay)
         stream.position = start + codes.shape[0]
         return await self.loop.submit(chunk)
@@ -142,20 +112,15 @@ class AudioDecoder:
         return [results[i] for i in range(len(chunks))]
 
     def info(self) -> dict:
-        return {
-            "weights": self.weights.description,
-            "random_weights": self.weights.random,
-            "streams": len(self.streams),
-            "recoveries": self.recoveries,
-        }
+        return {**super().info(), "recoveries": self.recoveries}
 
-
-def _check_codes(codes: np.ndarray | None, name: str) -> np.ndarray:
-    if not isinstance(codes, np.ndarray) or codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS:
-        shape = getattr(codes, "shape", None)
-        raise ValueError(f"{name} must be a [frames, {NUM_CODEBOOKS}] integer array, got {shape}")
-    if not np.issubdtype(codes.dtype, np.integer) or (
-        codes.size and (codes.min() < 0 or codes.max() >= 2048)
-    ):
-        raise ValueError(f"{name} must hold integer codes in [0, 2048)")
-    return codes
+    def _check_codes(self, codes: np.ndarray | None, name: str) -> np.ndarray:
+        if not isinstance(codes, np.ndarray) or codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS:
+            shape = getattr(codes, "shape", None)
+            raise ValueError(f"{name} must be a [frames, {NUM_CODEBOOKS}] integer array, got {shape}")
+        limit = self.codebook_size
+        if not np.issubdtype(codes.dtype, np.integer) or (
+            codes.size and (codes.min() < 0 or codes.max() >= limit)
+        ):
+            raise ValueError(f"{name} must hold integer codes in [0, {limit})")
+        return codes

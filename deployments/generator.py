@@ -128,10 +128,11 @@ class CSMGenerator:
         if pending:
             yield np.stack(pending)
 
-    def info(self) -> dict:
-        """What this replica runs and how busy it is (for /readyz and the tests)."""
+    def info(self, steps_since: int | None = None) -> dict:
+        """What this replica runs and how busy it is (for /readyz and the tests). With `steps_since` (a
+        `frame_steps` value from an earlier call), also the batch sizes and times of the steps since."""
         stats = self.engine.engine.stats
-        return {
+        info = {
             "weights": self.weights.description,
             "random_weights": self.weights.random,
             "max_seq_len": self.builder.args.max_seq_len,
@@ -140,10 +141,10 @@ class CSMGenerator:
             "frames": stats.frames,
             "frame_steps": stats.frame_steps,
             "max_batch_size": max(stats.batch_sizes, default=0),
-            # The most recent frame steps (bounded), for benchmarks that compare batch and step time.
-            "recent_batch_sizes": list(stats.batch_sizes),
-            "recent_step_seconds": list(stats.step_seconds),
         }
+        if steps_since is not None:
+            info["batch_sizes"], info["step_seconds"] = stats.steps_since(steps_since)
+        return info
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -157,10 +158,8 @@ class CSMGenerator:
         # The engine thread only appends to bounded deques; reading them here keeps metrics off its path.
         while True:
             stats = self.engine.engine.stats
-            new = min(stats.frame_steps - self._seen_steps, len(stats.batch_sizes))
-            self._seen_steps = stats.frame_steps
-            sizes, times = list(stats.batch_sizes), list(stats.step_seconds)
-            for b, t in zip(sizes[len(sizes) - new :], times[len(times) - new :], strict=False):
+            seen, self._seen_steps = self._seen_steps, stats.frame_steps
+            for b, t in zip(*stats.steps_since(seen), strict=True):
                 self._batch.observe(b)
                 self._frame_s.observe(t)
             self._active.set(self.engine.engine.n_running)

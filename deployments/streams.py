@@ -1,4 +1,5 @@
-"""What the two codec deployments share: per-stream slots on a replica, and a loop that batches requests.
+"""What the two codec deployments share: per-stream slots on a replica, a loop that batches requests,
+and `CodecReplica`, their common part (config, Mimi, routing by stream id, batch limits, info).
 
 A codec stream (one person's turn being encoded, one reply being decoded) keeps state in a slot of this
 replica. Callers send every request of a stream with `multiplexed_model_id=<stream id>`, which makes
@@ -19,6 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import metrics
+
+from csm.codec import MimiCodec
+from deployments.weights import load_mimi, pick_device, set_torch_threads
 
 # Routing affinity only: the slots (below) bound what a replica holds, so Serve's own cache may be large.
 MAX_STREAM_IDS = 4096
@@ -119,3 +127,58 @@ class BatchLoop(Generic[Item, Result]):
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)
+
+
+class CodecConfig(BaseModel):
+    """Constructor arguments of a codec deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mimi_path: str | None = None  # default: $MIMI_PATH, else the codec inside $MODEL_PATH
+    model_path: str | None = None
+    preset: str = "tiny"  # random codec preset when no weights are found
+    device: str = "auto"
+    num_slots: int = Field(32, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class BatchOptions(BaseModel):
+    """`user_config` of a codec deployment: may change while running."""
+
+    max_batch_size: int = Field(32, ge=1)
+
+
+class CodecReplica:
+    """The common part of `AudioTokenizer` and `AudioDecoder`: Mimi, the stream slots, the batch loop."""
+
+    def _setup(self, cfg: CodecConfig, process: Callable, metric: str, description: str) -> MimiCodec:
+        set_torch_threads(cfg.torch_threads)
+        codec, self.weights = load_mimi(cfg.mimi_path, cfg.model_path, cfg.preset, pick_device(cfg.device))
+        self.streams = StreamTable(cfg.num_slots)
+        batch_size = metrics.Histogram(
+            metric, description=description, boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
+        )
+        self.loop = BatchLoop(process, BatchOptions().max_batch_size, batch_size.observe)
+        return codec
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.loop.max_batch = BatchOptions.model_validate(user_config).max_batch_size
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
+    async def _route(self, stream_id: str) -> str:
+        return stream_id  # routing affinity only: the state lives in `self.streams`
+
+    async def _stream_id(self, call: str) -> str:
+        """The request's stream id (its multiplexed model id), registered for Serve's routing."""
+        stream_id = serve.get_multiplexed_model_id()
+        if not stream_id:
+            raise ValueError(f"{call} needs multiplexed_model_id=<stream id>")
+        await self._route(stream_id)
+        return stream_id
+
+    def info(self) -> dict:
+        return {
+            "weights": self.weights.description,
+            "random_weights": self.weights.random,
+            "streams": len(self.streams),
+        }

@@ -15,34 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve import metrics
 
 from csm.codec_streaming import StreamingEncoder
-from deployments.streams import MAX_STREAM_IDS, BatchLoop, Stream, StreamTable
-from deployments.weights import load_mimi, pick_device, set_torch_threads
+from deployments.streams import CodecConfig, CodecReplica, Stream
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AudioTokenizer", "TokenizerConfig"]
 
 
-class TokenizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mimi_path: str | None = None
-    model_path: str | None = None
-    preset: str = "tiny"
-    device: str = "auto"
-    num_slots: int = Field(32, ge=1)
-    torch_threads: int | None = Field(None, ge=1)
-
-
-class TokenizerOptions(BaseModel):
-    """`user_config`: may change while running."""
-
-    max_batch_size: int = Field(32, ge=1)
+class TokenizerConfig(CodecConfig):
+    """Constructor arguments (the codec's; nothing of its own)."""
 
 
 @dataclass
@@ -54,35 +38,19 @@ class _Push:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-class AudioTokenizer:
+class AudioTokenizer(CodecReplica):
     def __init__(self, config: dict | None = None) -> None:
         cfg = TokenizerConfig.model_validate(config or {})
-        set_torch_threads(cfg.torch_threads)
-        codec, self.weights = load_mimi(cfg.mimi_path, cfg.model_path, cfg.preset, pick_device(cfg.device))
-        self.encoder = StreamingEncoder(codec, cfg.num_slots)
-        self.streams = StreamTable(cfg.num_slots)
-        self._batch_size = metrics.Histogram(
-            "csm_tokenizer_batch_size",
-            description="Input streams encoded together in one Mimi step.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        codec = self._setup(
+            cfg, self._step, "csm_tokenizer_batch_size", "Input streams encoded together in one Mimi step."
         )
-        self.loop = BatchLoop(self._step, TokenizerOptions().max_batch_size, self._batch_size.observe)
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.loop.max_batch = TokenizerOptions.model_validate(user_config).max_batch_size
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
-    async def _route(self, stream_id: str) -> str:
-        return stream_id  # routing affinity only: the state lives in `self.streams`
+        self.encoder = StreamingEncoder(codec, cfg.num_slots)
 
     async def encode(self, start: int, pcm: np.ndarray, final: bool = False) -> np.ndarray | None:
         """Codes ([F, 32] int16) of every whole frame complete after adding `pcm` (int16, 24 kHz) at sample
         `start` of the stream; with `final`, also the last partial frame, and the stream ends. `None`: this
         replica lacks the stream's state; send the stream again from sample 0."""
-        stream_id = serve.get_multiplexed_model_id()
-        if not stream_id:
-            raise ValueError("encode needs multiplexed_model_id=<stream id>")
-        await self._route(stream_id)
+        stream_id = await self._stream_id("encode")
         if not isinstance(pcm, np.ndarray) or pcm.dtype != np.int16 or pcm.ndim != 1:
             raise ValueError("pcm must be a 1-D int16 array")
         stream = self.streams.get(stream_id)
@@ -121,6 +89,3 @@ class AudioTokenizer:
                 out.append(codes.T.to(torch.int16).cpu().numpy())
                 ready[p.stream.slot] = codes[:, :0]  # a stream pushed twice in one batch gets its codes once
         return out
-
-    def info(self) -> dict:
-        return {"weights": self.weights.description, "random_weights": self.weights.random}

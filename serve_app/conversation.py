@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.handle import DeploymentHandle
 
+from csm.codec import FRAME_SIZE
 from csm.engine import EngineFull
 from csm.prompt import Segment
 from deployments.generator import SpeechRequest
@@ -31,7 +32,7 @@ from deployments.recognizer import SileroVad, TurnDetector, VadConfig
 from deployments.responder import ResponderError
 from serve_app import protocol as p
 from serve_app.history import HistoryStore, Turn
-from serve_app.speech import FRAME_SAMPLES, InputStream, ReplyStream
+from serve_app.speech import InputStream, ReplyStream
 from serve_app.voices import VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class Conversation:
         assert self.detector is not None
         events = self.detector.push(pcm.astype(np.float32) / 32768.0)
         if self.turn is None:
-            keep = vad.prefix_padding_ms * SAMPLES_PER_MS + pcm.size + 2 * FRAME_SAMPLES
+            keep = vad.prefix_padding_ms * SAMPLES_PER_MS + pcm.size + 2 * FRAME_SIZE
             self._prefix = np.concatenate([self._prefix, pcm])[-keep:]
         else:
             self._push_turn_audio(pcm)

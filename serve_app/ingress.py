@@ -236,8 +236,7 @@ class ConversationIngress:
             await ws.close(code=1008, reason="bad conversation id")
             return
         await ws.accept()
-        if self.slots.locked():  # admission: refuse at once, never queue a person
-            self._m_refused.inc()
+        if self._full():
             await ws.send_text(
                 p.error_event("server_busy", "the server is at capacity; try again shortly").to_json()
             )
@@ -246,7 +245,7 @@ class ConversationIngress:
         async with self.slots:
             session = await self._open(conversation_id)
             self.active[id(session)] = session
-            self._m_active.set(len(self.active) + len(self.bridged))
+            self._count_conversations()
             emit = asyncio.create_task(self._emit(ws, session.outbox))
             try:
                 while True:
@@ -268,7 +267,17 @@ class ConversationIngress:
                 session.outbox.put_nowait(None)
                 await asyncio.gather(emit, return_exceptions=True)
                 self.active.pop(id(session), None)
-                self._m_active.set(len(self.active) + len(self.bridged))
+                self._count_conversations()
+
+    def _full(self) -> bool:
+        """Admission: at capacity, a new conversation is refused at once, never queued."""
+        if self.slots.locked():
+            self._m_refused.inc()
+            return True
+        return False
+
+    def _count_conversations(self) -> None:
+        self._m_active.set(len(self.active) + len(self.bridged))
 
     async def _emit(self, ws: WebSocket, outbox: asyncio.Queue[p.ServerEvent | None]) -> None:
         while (event := await outbox.get()) is not None:
@@ -326,15 +335,14 @@ class ConversationIngress:
             conversation_id = check_conversation_id(body.get("conversation_id") or p.new_id("conv"))
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        if self.slots.locked():
-            self._m_refused.inc()
+        if self._full():
             return JSONResponse({"error": "server busy"}, status_code=503)
         await self.slots.acquire()
         session = await self._open(conversation_id)
         sink = ApiGatewaySink(callback, body.get("region"))
         task = asyncio.create_task(self._bridge_emit(connection_id, session, sink))
         self.bridged[connection_id] = (session, task, sink)
-        self._m_active.set(len(self.active) + len(self.bridged))
+        self._count_conversations()
         return JSONResponse({"conversation_id": conversation_id})
 
     @app.post("/bridge/connections/{connection_id}/events")
@@ -370,4 +378,4 @@ class ConversationIngress:
         session.outbox.put_nowait(None)
         await asyncio.gather(task, return_exceptions=True)
         self.slots.release()
-        self._m_active.set(len(self.active) + len(self.bridged))
+        self._count_conversations()

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
+from csm.codec import FRAME_SIZE
 from deployments.decoder import RECOVERY_FRAMES
 from deployments.generator import SpeechRequest
 
 log = logging.getLogger(__name__)
 
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 # Audio sent to the encoder per call while the person speaks: fewer, larger calls cost less than one per
 # 20 ms message, and the turn's last chunk is all that is left to encode when the turn ends.
-ENCODE_CHUNK = 4 * FRAME_SAMPLES
+ENCODE_CHUNK = 4 * FRAME_SIZE
 
 
 class InputStream:
@@ -34,7 +34,7 @@ class InputStream:
     def __init__(self, tokenizer: DeploymentHandle) -> None:
         self.id = f"in_{uuid.uuid4().hex}"
         self._handle = tokenizer.options(multiplexed_model_id=self.id)
-        self._audio: list[np.ndarray] = []
+        self._audio = np.zeros(0, np.int16)  # grows by doubling: the turn's audio is read on every drain
         self.samples = 0
         self._sent = 0  # samples handed to the encoder
         self._codes: list[np.ndarray] = []
@@ -44,13 +44,19 @@ class InputStream:
         """Add int16 audio; never blocks (encoding runs in a background task)."""
         if pcm.size == 0:
             return
-        self._audio.append(pcm)
-        self.samples += pcm.size
+        end = self.samples + pcm.size
+        if end > self._audio.size:
+            grown = np.zeros(max(end, 2 * self._audio.size), np.int16)
+            grown[: self.samples] = self._audio[: self.samples]
+            self._audio = grown
+        self._audio[self.samples : end] = pcm
+        self.samples = end
         if self.samples - self._sent >= ENCODE_CHUNK and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._drain(final=False))
 
     def audio(self) -> np.ndarray:
-        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
+        """The turn's audio so far (a view: valid until the next push)."""
+        return self._audio[: self.samples]
 
     async def _drain(self, final: bool) -> None:
         while True:
@@ -58,7 +64,7 @@ class InputStream:
             if final:
                 chunk = audio[self._sent :]
             else:
-                whole = (audio.size - self._sent) // FRAME_SAMPLES * FRAME_SAMPLES
+                whole = (audio.size - self._sent) // FRAME_SIZE * FRAME_SIZE
                 if whole < ENCODE_CHUNK:
                     return
                 chunk = audio[self._sent : self._sent + whole]

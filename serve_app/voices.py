@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ray.serve.handle import DeploymentHandle
 
-from csm.audio import float_to_pcm16, read_wav, to_mimi_rate
+from csm.audio import SAMPLE_RATE, float_to_pcm16, read_wav, to_mimi_rate
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class VoiceLibrary:
             raise ValueError(f"voice {name!r}: {name}.txt is empty")
         audio, rate = await asyncio.to_thread(read_wav, wav)
         audio = to_mimi_rate(audio, rate)
-        if audio.shape[-1] > MAX_VOICE_SECONDS * 24_000:
+        if audio.shape[-1] > MAX_VOICE_SECONDS * SAMPLE_RATE:
             raise ValueError(f"voice {name!r}: reference audio longer than {MAX_VOICE_SECONDS:.0f} s")
         pcm = np.frombuffer(float_to_pcm16(audio.reshape(-1).to(torch.float32)), dtype=np.int16)
         handle = self._tokenizer.options(multiplexed_model_id=f"voice_{uuid.uuid4().hex}")

@@ -17,12 +17,18 @@ from csm.audio import SAMPLE_RATE, read_wav, to_mimi_rate
 CHUNK = 1920  # 80 ms at 24 kHz
 
 
-def speech(text: str, folder: Path, lead_s: float = 1.0, tail_s: float = 1.5) -> np.ndarray:
-    """espeak-ng saying `text`, at 24 kHz int16, with silence around it (a person's turn)."""
+def espeak(text: str, folder: Path) -> np.ndarray:
+    """espeak-ng saying `text` (US English, 160 words a minute): float32 at 24 kHz, with espeak's own
+    short leading and trailing silence."""
     wav = folder / f"say_{abs(hash(text))}.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), text], check=True)
     audio, rate = read_wav(wav)
-    audio = to_mimi_rate(audio, rate).numpy()
+    return to_mimi_rate(audio, rate).numpy()
+
+
+def speech(text: str, folder: Path, lead_s: float = 1.0, tail_s: float = 1.5) -> np.ndarray:
+    """espeak-ng saying `text`, at 24 kHz int16, with silence around it (a person's turn)."""
+    audio = espeak(text, folder)
     pad = [np.zeros(int(s * SAMPLE_RATE), np.float32) for s in (lead_s, tail_s)]
     return (np.concatenate([pad[0], audio, pad[1]]) * 32767).astype(np.int16)
 

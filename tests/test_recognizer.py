@@ -8,7 +8,6 @@ two OpenMP threads make each tiny silero step wait milliseconds for the second t
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from csm.audio import SAMPLE_RATE, read_wav, resample
+from csm.audio import SAMPLE_RATE
 from deployments.recognizer import (
     PocketsphinxTranscriber,
     SpeechRecognizer,
@@ -36,6 +35,7 @@ from deployments.recognizer import (
     load_vad_model,
     make_transcriber,
 )
+from tests.realtime_client import espeak
 
 MS = SAMPLE_RATE // 1000  # samples per millisecond at 24 kHz
 VOICE_LEVEL = 0.02  # |sample| above this is the voice, not espeak's leading/trailing silence
@@ -57,10 +57,7 @@ def say(tmp_path_factory):
 
     def speak(text: str) -> np.ndarray:
         if text not in cache:
-            path = folder / f"{len(cache)}.wav"
-            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
-            audio, rate = read_wav(path)
-            cache[text] = resample(audio, rate, SAMPLE_RATE).numpy()
+            cache[text] = espeak(text, folder)
         return cache[text]
 
     return speak
