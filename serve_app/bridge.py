@@ -4,15 +4,47 @@ API Gateway holds the browser's socket; the bridge Lambda posts each client mess
 (`/bridge/connections/{id}/...`), and the conversation's events go back through an `EventSink`. The
 production sink posts to API Gateway's `@connections` API with boto3 (the callback URL comes with the
 connect call); tests may plug in any sink with the same two methods.
+
+API Gateway's rules the sink keeps: a message is at most 128 KB (an audio delta over that is split
+into several deltas of whole samples; anything else that large is a bug and becomes an `error`
+event); `GoneException` means the person left (the conversation ends, its history stays); throttling
+and transient failures are retried with backoff for a bounded time, after which the connection is
+treated as lost rather than letting a reply's audio pile up behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import json
 import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from serve_app import protocol as p
+
 log = logging.getLogger(__name__)
+
+# API Gateway's limit on one message (post_to_connection Data), less room for its framing.
+MAX_MESSAGE_BYTES = 127 * 1024
+RETRY_CODES = frozenset(
+    {
+        "LimitExceededException",
+        "TooManyRequestsException",
+        "ThrottlingException",
+        "InternalServerErrorException",
+    }
+)
+RETRY_BUDGET_S = 10.0
+# API Gateway answers 410 until `$connect` has returned, and the ingress may post before that.
+CONNECTING_GRACE_S = 5.0
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_MAX_S = 1.0
+# boto3 calls block; posts for all bridged conversations share these threads (and one client's pool).
+_POSTERS = 32
 
 
 class EventSink(Protocol):
@@ -23,26 +55,108 @@ class EventSink(Protocol):
     async def close(self, connection_id: str) -> None: ...
 
 
+def split_message(data: str, limit: int = MAX_MESSAGE_BYTES) -> list[str]:
+    """`data` as messages of at most `limit` bytes: an oversize audio delta becomes several deltas
+    (whole 16-bit samples each, same item and content index, so a client plays them back to back);
+    any other oversize event becomes an `error` event saying so."""
+    if len(data.encode()) <= limit:
+        return [data]
+    event = json.loads(data)
+    if event.get("type") != "response.output_audio.delta":
+        log.error(
+            "an event of %d bytes (%s) is over API Gateway's message limit", len(data), event.get("type")
+        )
+        too_big = p.error_event("internal_error", f"a {event.get('type')} event was too large to deliver")
+        return [too_big.to_json()]
+    audio = base64.b64decode(event["delta"])
+    overhead = len(json.dumps({**event, "delta": "", "event_id": event["event_id"] + "-000"}).encode())
+    # Base64 turns 3 bytes into 4 characters; 6 bytes = 3 whole samples = 8 characters.
+    step = (limit - overhead) * 3 // 4 // 6 * 6
+    if step <= 0:
+        raise ValueError(f"limit {limit} leaves no room for audio")
+    parts = []
+    for n, start in enumerate(range(0, len(audio), step)):
+        piece = base64.b64encode(audio[start : start + step]).decode("ascii")
+        parts.append(json.dumps({**event, "event_id": f"{event['event_id']}-{n:03d}", "delta": piece}))
+    return parts
+
+
+@functools.cache
+def _client(callback_url: str, region: str | None):
+    import boto3  # only bridged deployments need it loaded
+    from botocore.config import Config
+
+    # Retries are ours (below): bounded by time, and a GoneException must never be retried.
+    config = Config(
+        retries={"max_attempts": 1, "mode": "standard"},
+        connect_timeout=2,
+        read_timeout=5,
+        max_pool_connections=_POSTERS,
+    )
+    return boto3.client(
+        "apigatewaymanagementapi", endpoint_url=callback_url, region_name=region, config=config
+    )
+
+
+@functools.cache
+def _posters() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_POSTERS, thread_name_prefix="connections")
+
+
 class ApiGatewaySink:
-    """Posts events to API Gateway's `@connections` management API (one boto3 client per callback URL)."""
+    """Posts events to API Gateway's `@connections` management API."""
 
-    def __init__(self, callback_url: str, region: str | None = None) -> None:
-        import boto3  # only bridged deployments need it loaded
-
-        self.client = boto3.client("apigatewaymanagementapi", endpoint_url=callback_url, region_name=region)
+    def __init__(self, callback_url: str, region: str | None = None, retry_budget_s: float = RETRY_BUDGET_S):
+        self.client = _client(callback_url, region)
+        self.retry_budget_s = retry_budget_s
+        self._connecting_until = time.monotonic() + CONNECTING_GRACE_S
         self._gone = self.client.exceptions.GoneException
 
     async def send(self, connection_id: str, data: str) -> bool:
-        try:
-            await asyncio.to_thread(
-                self.client.post_to_connection, ConnectionId=connection_id, Data=data.encode()
-            )
-        except self._gone:
-            return False
+        loop = asyncio.get_running_loop()
+        for message in split_message(data):
+            if not await loop.run_in_executor(_posters(), self._post, connection_id, message):
+                return False
         return True
 
     async def close(self, connection_id: str) -> None:
         try:
-            await asyncio.to_thread(self.client.delete_connection, ConnectionId=connection_id)
+            await asyncio.get_running_loop().run_in_executor(
+                _posters(), lambda: self.client.delete_connection(ConnectionId=connection_id)
+            )
         except self._gone:
             pass
+        except Exception as e:
+            log.warning("bridge %s: could not close the connection: %s", connection_id, e)
+
+    def _post(self, connection_id: str, message: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        deadline = time.monotonic() + self.retry_budget_s
+        attempt = 0
+        while True:
+            try:
+                self.client.post_to_connection(ConnectionId=connection_id, Data=message.encode())
+                self._connecting_until = 0.0  # from now on a 410 means the person left
+                return True
+            except self._gone:
+                if time.monotonic() > self._connecting_until:
+                    return False
+                reason = "not connected yet"
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code not in RETRY_CODES and status not in (429, 500, 502, 503, 504):
+                    log.error("bridge %s: an event was refused (%s); skipped", connection_id, code or status)
+                    return True  # this message is lost, the connection is not
+                reason = code or str(status)
+            except BotoCoreError as e:  # connection errors, timeouts
+                reason = type(e).__name__
+            attempt += 1
+            pause = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+            if time.monotonic() + pause > deadline:
+                log.error(
+                    "bridge %s: still failing after %d tries (%s); giving up", connection_id, attempt, reason
+                )
+                return False
+            time.sleep(pause)

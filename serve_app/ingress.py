@@ -138,6 +138,7 @@ class ConversationIngress:
         set_torch_threads(1)  # the VAD runs here, per chunk: one thread (see TurnDetector)
         self.vad = load_vad_model()
         self._ending: asyncio.Task | None = None
+        self._random: bool | None = None
         self.slots = asyncio.Semaphore(cfg.max_conversations)
         self.active: dict[int, _Session] = {}
         self.bridged: dict[str, tuple[_Session, asyncio.Task, EventSink]] = {}
@@ -184,6 +185,7 @@ class ConversationIngress:
         except Exception as e:
             return JSONResponse({"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
         random = bool(gen["random_weights"] or dec["random_weights"] or tok["random_weights"])
+        self._random = random
         body = {
             "ready": True,
             "random_weights": random,
@@ -306,7 +308,26 @@ class ConversationIngress:
             self.observer,
         )
         conversation.start()
+        outbox.put_nowait(
+            p.ServerInfo(
+                conversation_id=conversation_id,
+                voices=self.voices.names(),
+                default_voice=self.cfg.default_voice,
+                random_weights=await self._random_weights(),
+                max_reply_seconds=self.cfg.limits.max_reply_seconds,
+            )
+        )
         return _Session(conversation, outbox, self.cfg)
+
+    async def _random_weights(self) -> bool:
+        """Whether any model runs on random weights; asked once (weights never change in a replica)."""
+        if self._random is None:
+            h = self.handles
+            infos = await asyncio.gather(
+                h.generator.info.remote(), h.decoder.info.remote(), h.tokenizer.info.remote()
+            )
+            self._random = any(info["random_weights"] for info in infos)
+        return self._random
 
     def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
         if self.token is None:
@@ -322,12 +343,27 @@ class ConversationIngress:
         # With header `serve_multiplexed_model_id: <connection id>`, a connection's calls reach one replica.
         return connection_id
 
-    @app.post("/bridge/connections/{connection_id}")
+    # Connection ids are API Gateway's (base64-like: they may hold '/' and '='), hence `:path`; the
+    # events route comes first so that ".../events" is never read as a connection id.
+    @app.post("/bridge/connections/{connection_id:path}/events")
+    async def bridge_event(self, connection_id: str, request: Request) -> JSONResponse:
+        await self._route(connection_id)
+        if not self._authorized(None, request.headers.get("authorization")):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        entry = self.bridged.get(connection_id)
+        if entry is None:
+            return JSONResponse({"error": "unknown connection"}, status_code=404)
+        await entry[0].receive(await request.body())
+        return JSONResponse({"conversation_id": entry[0].conversation.id})
+
+    @app.post("/bridge/connections/{connection_id:path}")
     async def bridge_connect(self, connection_id: str, request: Request) -> JSONResponse:
         await self._route(connection_id)
         body = await request.json()
         if not self._authorized(body.get("token"), request.headers.get("authorization")):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
+        if connection_id in self.bridged:  # the bridge retried a connect we had already done
+            return JSONResponse({"conversation_id": self.bridged[connection_id][0].conversation.id})
         callback = body.get("callback_url")
         if not isinstance(callback, str) or not callback.startswith(("http://", "https://")):
             return JSONResponse({"error": "callback_url (http or https) is required"}, status_code=400)
@@ -343,27 +379,26 @@ class ConversationIngress:
         task = asyncio.create_task(self._bridge_emit(connection_id, session, sink))
         self.bridged[connection_id] = (session, task, sink)
         self._count_conversations()
+        log.info("bridge %s: conversation %s opened", connection_id, conversation_id)
         return JSONResponse({"conversation_id": conversation_id})
 
-    @app.post("/bridge/connections/{connection_id}/events")
-    async def bridge_event(self, connection_id: str, request: Request) -> JSONResponse:
+    @app.delete("/bridge/connections/{connection_id:path}")
+    async def bridge_disconnect(self, connection_id: str, request: Request) -> JSONResponse:
         await self._route(connection_id)
+        if not self._authorized(None, request.headers.get("authorization")):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
         entry = self.bridged.get(connection_id)
-        if entry is None:
-            return JSONResponse({"error": "unknown connection"}, status_code=404)
-        await entry[0].receive(await request.body())
-        return JSONResponse({"ok": True})
-
-    @app.delete("/bridge/connections/{connection_id}")
-    async def bridge_disconnect(self, connection_id: str) -> JSONResponse:
-        await self._route(connection_id)
         await self._bridge_end(connection_id)
-        return JSONResponse({"ok": True})
+        return JSONResponse({"conversation_id": entry[0].conversation.id if entry else None})
 
     async def _bridge_emit(self, connection_id: str, session: _Session, sink: EventSink) -> None:
         while (event := await session.outbox.get()) is not None:
             if not await sink.send(connection_id, event.to_json()):
-                log.info("bridge %s: the connection is gone", connection_id)
+                log.info(
+                    "bridge %s: conversation %s: the connection is gone",
+                    connection_id,
+                    session.conversation.id,
+                )
                 break
         # The person left (or the conversation closed): end it without waiting on ourselves.
         if connection_id in self.bridged:

@@ -114,9 +114,10 @@ ErrorCode = Literal[
     "unauthorized",  # missing or wrong token
     "response_failed",  # generation failed (a replica died); the conversation goes on
     "internal_error",  # a bug; the message says nothing secret
+    "service_unavailable",  # the bridge could not reach the server (down, slow, or restarted)
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
-_SERVER_FAULTS = frozenset({"server_busy", "response_failed", "internal_error"})
+_SERVER_FAULTS = frozenset({"server_busy", "response_failed", "internal_error", "service_unavailable"})
 
 
 def new_id(prefix: str) -> str:
@@ -698,6 +699,20 @@ class ErrorDetail(_ServerModel):
     param: str | None = None
     event_id: str | None = None
     """The ``event_id`` of the client event that caused this error, when it had one."""
+
+
+class ServerInfo(ServerEvent):
+    """``x-server.info``, our extension, sent right after ``session.created``: what a page shows before
+    the first turn (the voices to pick from, and loudly, whether the weights are random noise). It
+    travels on the socket so that a page that reaches the server only through API Gateway gets it too.
+    """
+
+    type: Literal["x-server.info"] = "x-server.info"
+    conversation_id: str  # reconnect with ``?conversation_id=`` to carry on with the same history
+    voices: list[str]
+    default_voice: str
+    random_weights: bool
+    max_reply_seconds: float
 
 
 class ErrorEvent(ServerEvent):

@@ -40,13 +40,14 @@ APP_TOKEN = "test-secret"
 MAX_CONVERSATIONS = 10
 
 
-def app_args(history_dir, voices_dir) -> dict:
+def app_args(history_dir, voices_dir, frontend_dir) -> dict:
     """The test app: the `tiny` presets on CPU (as `make demo`), with a token and a voice configured."""
     return {
         "generator": {"max_slots": 12},
         "ingress": {
             "history_dir": str(history_dir),
             "voices_dir": str(voices_dir),
+            "frontend_dir": str(frontend_dir),
             "token": APP_TOKEN,
             "max_conversations": MAX_CONVERSATIONS,
             "limits": {"max_reply_seconds": 6.0},
@@ -74,7 +75,12 @@ def serve_app(tmp_path_factory):
 
     write_wav(voices / "narrator.wav", torch.from_numpy(pcm.astype("float32") / 32768))
     (voices / "narrator.txt").write_text("This is my voice.")
-    args = app_args(tmp_path_factory.mktemp("history"), voices)
+    page = tmp_path_factory.mktemp("frontend")  # a stand-in build: the page itself has its own tests
+    (page / "assets").mkdir()
+    (page / "index.html").write_text('<!doctype html><script src="/assets/app.js"></script>')
+    (page / "assets" / "app.js").write_text("console.log('page')")
+    (page / "secret.txt").write_text("outside assets")
+    args = app_args(tmp_path_factory.mktemp("history"), voices, page)
     # Dummy AWS credentials: the bridge's boto3 client signs its posts to the local @connections stand-in.
     aws = {
         "AWS_ACCESS_KEY_ID": "testing",

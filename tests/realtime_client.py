@@ -81,6 +81,13 @@ class Client:
         await self.ws.close()
 
 
+def expected_frames(transcript: str, limit_s: float = 6.0) -> int:
+    """Random weights never emit EOS, so a one-sentence reply lasts exactly the frames allowed for it."""
+    from serve_app.conversation import FRAME_MS, frames_for
+
+    return min(frames_for(transcript), int(limit_s * 1000 / FRAME_MS))
+
+
 def audio_samples(events: list[dict]) -> int:
     return sum(
         len(base64.b64decode(e["delta"])) // 2 for e in events if e["type"] == "response.output_audio.delta"

@@ -7,7 +7,7 @@ import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import httpx
 import numpy as np
@@ -15,9 +15,8 @@ import pytest
 import websockets
 from ray import serve
 
-from serve_app.conversation import FRAME_MS, frames_for
 from tests.conftest import APP_TOKEN, MAX_CONVERSATIONS
-from tests.realtime_client import Client, audio_samples, of_type, speech
+from tests.realtime_client import Client, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
 
@@ -31,12 +30,11 @@ async def connect(app, **query) -> Client:
     client = await Client.connect(app["ws"], token=APP_TOKEN, **query)
     created = await client.recv()
     assert created["type"] == "session.created"
+    info = await client.recv()  # what the page shows before the first turn
+    assert info["type"] == "x-server.info" and info["random_weights"] is True
+    assert info["voices"] == ["none", "narrator"] and info["max_reply_seconds"] == 6.0
+    assert info["conversation_id"] == query.get("conversation_id", info["conversation_id"])
     return client
-
-
-def expected_frames(transcript: str, limit_s: float = 6.0) -> int:
-    """Random weights never emit EOS, so a one-sentence reply lasts exactly the frames allowed for it."""
-    return min(frames_for(transcript), int(limit_s * 1000 / FRAME_MS))
 
 
 async def test_health_ready_and_voices(app):
@@ -48,7 +46,10 @@ async def test_health_ready_and_voices(app):
         voices = (await http.get("/v1/voices")).json()
         assert [v["id"] for v in voices["voices"]] == ["none", "narrator"]
         page = await http.get("/")
-        assert page.status_code == 200 and "/v1/realtime" in page.text
+        assert page.status_code == 200 and page.text.startswith("<!doctype html>")
+        assert (await http.get("/assets/app.js")).text == "console.log('page')"
+        assert (await http.get("/assets/..%2Fsecret.txt")).status_code == 404
+        assert (await http.get("/assets/missing.js")).status_code == 404
 
 
 async def test_spoken_turn_end_to_end(app, tmp_path):
@@ -314,15 +315,19 @@ async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Connections)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     callback = f"http://127.0.0.1:{server.server_address[1]}"
-    connection = "conn-abc123="
+    connection = "conn/abc+123="  # API Gateway's ids are base64: '/', '+' and '=' must survive the path
     headers = {"serve_multiplexed_model_id": connection}
     try:
         async with httpx.AsyncClient(base_url=app["url"], timeout=30, headers=headers) as http:
-            path = f"/bridge/connections/{connection}"
+            path = f"/bridge/connections/{quote(connection, safe='')}"
             bad = await http.post(path, json={"callback_url": callback, "token": "wrong"})
             assert bad.status_code == 401
             opened = await http.post(path, json={"callback_url": callback, "token": APP_TOKEN})
             assert opened.status_code == 200
+            again = await http.post(path, json={"callback_url": callback, "token": APP_TOKEN})  # a retry
+            assert again.json() == opened.json()
+            assert (await http.post(path + "/events", content="{}")).status_code == 401  # no bridge token
+            http.headers["Authorization"] = f"Bearer {APP_TOKEN}"
             item = {
                 "type": "message",
                 "role": "user",

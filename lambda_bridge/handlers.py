@@ -1,0 +1,136 @@
+"""The Lambda handlers behind API Gateway's WebSocket routes: `$connect`, `$disconnect`, `$default`.
+
+Each is a plain function of (event, context). `$default` forwards the client's message untouched to
+the ingress and returns: the reply travels back through `@connections`, posted by the Serve side.
+When the ingress cannot be reached in time, the person gets an `error` event instead of silence.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import time
+
+from lambda_bridge import connections
+from lambda_bridge.authorizer import authenticate, presented_token
+from lambda_bridge.logs import bind, logger, update
+from lambda_bridge.serve_client import ServeClient, ServeUnavailable
+from lambda_bridge.settings import settings, shared_token
+
+# Leave the Lambda this long after a forward gives up, to post the error and log.
+_REPORT_MARGIN_S = 1.0
+
+
+@functools.cache
+def serve() -> ServeClient:
+    """The ingress client for this container (kept-alive connections across invocations)."""
+    return ServeClient(settings().serve_url, shared_token())
+
+
+def deadline(context) -> float:
+    """The monotonic instant a forward must finish by: the configured deadline, or sooner if the
+    Lambda itself would time out first."""
+    budget = settings().forward_deadline_s
+    remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining_ms is not None:
+        budget = min(budget, remaining_ms() / 1000 - _REPORT_MARGIN_S)
+    return time.monotonic() + max(budget, 0.1)
+
+
+def connect(event: dict, context) -> dict:
+    ctx = event["requestContext"]
+    connection_id = ctx["connectionId"]
+    query = event.get("queryStringParameters") or {}
+    with bind(connection_id=connection_id, route="$connect", request_id=ctx.get("requestId")):
+        log = logger()
+        s = settings()
+        if s.auth_mode == "handler":
+            if authenticate(presented_token(query, event.get("headers") or {}) or "") is None:
+                log.warning("refused: missing or wrong token")
+                return {"statusCode": 401, "body": "unauthorized"}
+        body = {
+            "callback_url": s.callback_for(ctx),
+            "conversation_id": query.get("conversation_id"),
+            "region": os.environ.get("AWS_REGION"),
+        }
+        try:
+            reply = serve().connect(connection_id, body, deadline(context))
+        except ServeUnavailable as e:
+            log.error("the server is unreachable: %s", e)
+            return {"statusCode": 503, "body": "service unavailable"}
+        if reply.ok:
+            update(conversation_id=reply.body.get("conversation_id"))
+            log.info("connected")
+            return {"statusCode": 200}
+        if reply.status == 503:
+            log.warning("refused: the server is at capacity")
+            return {"statusCode": 503, "body": "server busy"}
+        if reply.status == 400:
+            log.warning("refused: %s", reply.body.get("error"))
+            return {"statusCode": 400, "body": str(reply.body.get("error"))}
+        log.error("the server refused the bridge (HTTP %s): check SERVE_URL and the token", reply.status)
+        return {"statusCode": 500, "body": "bridge misconfigured"}
+
+
+def default(event: dict, context) -> dict:
+    ctx = event["requestContext"]
+    connection_id = ctx["connectionId"]
+    body = event.get("body") or ""
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    with bind(connection_id=connection_id, route="$default", request_id=ctx.get("requestId")):
+        log = logger()
+        callback = settings().callback_for(ctx)
+        try:
+            reply = serve().forward(connection_id, raw, deadline(context))
+        except ServeUnavailable as e:
+            log.error("message not delivered: %s", e)
+            message = "the server did not answer in time; the message was not delivered, try again"
+            connections.send(
+                callback,
+                connection_id,
+                connections.error_event("service_unavailable", message, _event_id(raw)),
+            )
+            return {"statusCode": 200}
+        update(conversation_id=reply.body.get("conversation_id"))
+        if reply.status == 404:
+            # The ingress no longer has this conversation (it restarted): say so and close, so that the
+            # page reconnects (with its conversation id, the history carries on).
+            log.warning("the server has no conversation for this connection; closing it")
+            message = "the server lost this conversation (it restarted); reconnect to carry on"
+            connections.send(callback, connection_id, connections.error_event("service_unavailable", message))
+            connections.close(callback, connection_id)
+        elif not reply.ok:
+            log.error("the server refused the message (HTTP %s): %s", reply.status, reply.body)
+            message = f"the bridge could not deliver the message (HTTP {reply.status})"
+            connections.send(
+                callback, connection_id, connections.error_event("internal_error", message, _event_id(raw))
+            )
+        return {"statusCode": 200}
+
+
+def disconnect(event: dict, context) -> dict:
+    ctx = event["requestContext"]
+    connection_id = ctx["connectionId"]
+    with bind(connection_id=connection_id, route="$disconnect", request_id=ctx.get("requestId")):
+        log = logger()
+        try:
+            reply = serve().disconnect(connection_id, deadline(context))
+        except ServeUnavailable as e:
+            # The ingress also ends the conversation on its own when posting finds the connection gone.
+            log.warning("could not tell the server: %s", e)
+            return {"statusCode": 200}
+        update(conversation_id=reply.body.get("conversation_id"))
+        log.info("disconnected (%s)", ctx.get("disconnectReason") or ctx.get("disconnectStatusCode") or "")
+        return {"statusCode": 200}
+
+
+def _event_id(raw: bytes) -> str | None:
+    """The client's `event_id`, so its error names the message that was lost."""
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None
+    value = event.get("event_id") if isinstance(event, dict) else None
+    return value if isinstance(value, str) else None

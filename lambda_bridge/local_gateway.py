@@ -1,0 +1,472 @@
+"""A local stand-in for API Gateway's WebSocket API, running the real bridge handlers in-process.
+
+    python -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000 --token SECRET --port 8765
+
+Browsers connect to `ws://127.0.0.1:8765/?token=SECRET`. Like API Gateway, it:
+- runs the `$connect` authorizer (with `--authorizer`) and the `$connect` handler during the
+  handshake, and refuses the socket with the status they return;
+- accepts text frames only (a binary frame closes the socket with 1003), frames up to 32 KB and
+  messages up to 128 KB (over either: 1009), closes idle sockets (10 min) and old ones (2 h) with 1001;
+- invokes `$default` with each message, in an event shaped like API Gateway's (`requestContext`:
+  routeKey, connectionId, eventType, domainName, stage, ...), and `$disconnect` when a socket ends;
+- serves `@connections` (POST, GET, DELETE; SigV4-signed requests only) on a second port, where the
+  unmodified boto3 `apigatewaymanagementapi` client posts: a message over 128 KB gets 413, an unknown
+  connection 410 `GoneException`; messages over 32 KB reach the browser in 32 KB fragments.
+
+Unlike API Gateway it invokes a connection's messages one at a time, in order (API Gateway may run
+them concurrently). It is a development and test tool and is never deployed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+
+from lambda_bridge import authorizer as authorizer_module
+from lambda_bridge import handlers
+from lambda_bridge import settings as settings_module
+
+log = logging.getLogger("local_gateway")  # not under "lambda_bridge": those lines are the Lambdas'
+
+FRAME_LIMIT = 32 * 1024
+MESSAGE_LIMIT = 128 * 1024
+IDLE_TIMEOUT_S = 10 * 60
+MAX_CONNECTION_S = 2 * 60 * 60
+API_ID = "local"
+Handler = Callable[[dict, object], dict]
+
+
+@dataclass
+class Routes:
+    """The Lambda functions behind each route (the real ones unless a test swaps one)."""
+
+    connect: Handler = handlers.connect
+    default: Handler = handlers.default
+    disconnect: Handler = handlers.disconnect
+    authorizer: Handler | None = None
+
+
+class LambdaContext:
+    """The parts of Lambda's context object the handlers use."""
+
+    def __init__(self, function_name: str, timeout_s: float) -> None:
+        self.function_name = function_name
+        self.aws_request_id = str(uuid.uuid4())
+        self._ends = time.monotonic() + timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._ends - time.monotonic()) * 1000))
+
+
+class _GatewayConnection(ServerConnection):
+    """Enforces API Gateway's frame rules, which websockets (which checks whole messages) does not."""
+
+    def process_event(self, event) -> None:
+        if self.request is not None and isinstance(event, Frame):
+            if event.opcode is Opcode.BINARY or (
+                event.opcode is Opcode.CONT and getattr(self, "_binary", False)
+            ):
+                self._binary = True
+                self._violate(1003, "binary frames are not supported")
+                return
+            if event.opcode in (Opcode.TEXT, Opcode.CONT) and len(event.data) > FRAME_LIMIT:
+                self._violate(1009, "frame exceeds 32 KB")
+                return
+        super().process_event(event)
+
+    def _violate(self, code: int, reason: str) -> None:
+        if not getattr(self, "_violated", False):
+            self._violated = True
+            self.loop.create_task(self.close(code, reason))
+
+
+@dataclass
+class _Connection:
+    id: str
+    socket: ServerConnection
+    connected_at: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.time)
+    source_ip: str = "127.0.0.1"
+    user_agent: str = ""
+    authorizer: dict | None = None
+
+
+class LocalGateway:
+    """API Gateway's WebSocket API and `@connections` endpoint on loopback; see the module docstring."""
+
+    def __init__(
+        self,
+        serve_url: str,
+        *,
+        token: str | None = None,
+        use_authorizer: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        management_port: int = 0,
+        stage: str = "local",
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_connection_s: float = MAX_CONNECTION_S,
+        lambda_timeout_s: float = 29.0,
+        forward_deadline_s: float | None = None,
+        deliver_disconnect: bool = True,
+        routes: Routes | None = None,
+    ) -> None:
+        self.serve_url = serve_url
+        self.token = token
+        self.routes = routes or Routes(authorizer=authorizer_module.handler if use_authorizer else None)
+        self.host, self.port, self.management_port = host, port, management_port
+        self.stage = stage
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connection_s = max_connection_s
+        self.lambda_timeout_s = lambda_timeout_s
+        self.forward_deadline_s = forward_deadline_s
+        self.deliver_disconnect = deliver_disconnect  # False: a lost $disconnect, as API Gateway may do
+        self.connections: dict[str, _Connection] = {}
+        self.invocations: list[tuple[str, dict]] = []  # (route, event): what the handlers were given
+        self.throttle_posts = 0  # the next N posts get 429 LimitExceededException
+        self._ws: Server | None = None
+        self._http: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/"
+
+    @property
+    def callback_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}/{self.stage}"
+
+    async def start(self) -> None:
+        self._http = await asyncio.start_server(self._serve_management, self.host, self.management_port)
+        self.management_port = self._http.sockets[0].getsockname()[1]
+        self._ws = await serve(
+            self._serve_socket,
+            self.host,
+            self.port,
+            process_request=self._handshake,
+            create_connection=_GatewayConnection,
+            max_size=MESSAGE_LIMIT,
+            ping_interval=None,  # API Gateway sends no pings; idleness is its own timer
+            open_timeout=self.lambda_timeout_s * 2 + 5,  # the authorizer and $connect run in the handshake
+            compression=None,
+        )
+        self.port = self._ws.sockets[0].getsockname()[1] if not self.port else self.port
+        self._configure_handlers()
+        log.info("gateway at %s, @connections at %s → %s", self.url, self.callback_url, self.serve_url)
+
+    async def stop(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            await self._ws.wait_closed()
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def __aenter__(self) -> LocalGateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _configure_handlers(self) -> None:
+        """The environment the Lambda functions would get from the CDK stack, pointing here."""
+        env = {"SERVE_URL": self.serve_url, "CALLBACK_URL": self.callback_url}
+        env["AUTH_MODE"] = "authorizer" if self.routes.authorizer else "handler"
+        if self.token is not None:
+            env["TOKEN"] = self.token
+        if self.forward_deadline_s is not None:
+            env["FORWARD_DEADLINE_S"] = str(self.forward_deadline_s)
+        os.environ.update(env)
+        # boto3 signs its @connections posts; local credentials are enough for a local endpoint.
+        for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local")):
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        settings_module.reset()
+        handlers.serve.cache_clear()
+
+    # ---- Lambda invocations -----------------------------------------------------------------------
+    def _context(self, connection_id: str, route: str, event_type: str, **extra) -> dict:
+        now = time.time()
+        return {
+            "routeKey": route,
+            "eventType": event_type,
+            "connectionId": connection_id,
+            "domainName": f"{self.host}:{self.port}",
+            "stage": self.stage,
+            "apiId": API_ID,
+            "requestId": secrets.token_urlsafe(12),
+            "extendedRequestId": secrets.token_urlsafe(12),
+            "requestTimeEpoch": int(now * 1000),
+            "requestTime": datetime.fromtimestamp(now, UTC).strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "messageDirection": "IN",
+            "connectedAt": int(self.connections[connection_id].connected_at * 1000)
+            if connection_id in self.connections
+            else int(now * 1000),
+            **extra,
+        }
+
+    async def _invoke(self, name: str, function: Handler, event: dict) -> dict | None:
+        self.invocations.append((name, event))
+        context = LambdaContext(name, self.lambda_timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(function, event, context), self.lambda_timeout_s)
+        except TimeoutError:
+            log.error("%s timed out after %gs", name, self.lambda_timeout_s)
+            return None
+        except Exception as e:
+            log.error("%s raised %s: %s", name, type(e).__name__, e)
+            if str(e) == "Unauthorized":
+                return {"__unauthorized__": True}
+            return None
+
+    # ---- the browser's socket ---------------------------------------------------------------------
+    async def _handshake(self, socket: ServerConnection, request: Request) -> Response | None:
+        """`$connect`: the authorizer, then the handler; a refusal is an HTTP status, as in API Gateway."""
+        parts = urlsplit(request.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        headers = {k: v for k, v in request.headers.raw_items()}
+        connection_id = base64.b64encode(
+            secrets.token_bytes(10)
+        ).decode()  # like API Gateway's: has '=' and '/'
+        base = {
+            "headers": headers,
+            "multiValueHeaders": {k: [v] for k, v in headers.items()},
+            "queryStringParameters": query or None,
+            "multiValueQueryStringParameters": {k: v for k, v in parse_qs(parts.query).items()} or None,
+            "isBase64Encoded": False,
+        }
+        authorized: dict | None = None
+        if self.routes.authorizer is not None:
+            event = {
+                **base,
+                "type": "REQUEST",
+                "methodArn": f"arn:aws:execute-api:us-east-1:000000000000:{API_ID}/{self.stage}/$connect",
+                "requestContext": self._context(connection_id, "$connect", "CONNECT"),
+            }
+            result = await self._invoke("authorizer", self.routes.authorizer, event)
+            if not result or result.get("__unauthorized__"):
+                return _refuse(HTTPStatus.UNAUTHORIZED if result else HTTPStatus.INTERNAL_SERVER_ERROR)
+            statement = result["policyDocument"]["Statement"][0]
+            if statement["Effect"] != "Allow":
+                return _refuse(HTTPStatus.FORBIDDEN)
+            authorized = {"principalId": result["principalId"], **result.get("context", {})}
+        context = self._context(connection_id, "$connect", "CONNECT")
+        if authorized:
+            context["authorizer"] = authorized
+        result = await self._invoke("$connect", self.routes.connect, {**base, "requestContext": context})
+        status = int((result or {}).get("statusCode", 500))
+        if not 200 <= status < 300:
+            return _refuse(
+                HTTPStatus(status) if status in HTTPStatus._value2member_map_ else HTTPStatus.BAD_GATEWAY
+            )
+        # Registered once the handshake completes: until then `@connections` answers 410, as in AWS.
+        socket.gateway_connection = _Connection(  # type: ignore[attr-defined]
+            connection_id,
+            socket,
+            source_ip=socket.remote_address[0] if socket.remote_address else "127.0.0.1",
+            user_agent=request.headers.get("User-Agent", ""),
+            authorizer=authorized,
+        )
+        return None
+
+    async def _serve_socket(self, socket: ServerConnection) -> None:
+        connection: _Connection = socket.gateway_connection  # type: ignore[attr-defined]
+        connection_id = connection.id
+        self.connections[connection_id] = connection
+        status, reason = 1005, "client closed"
+        try:
+            while True:
+                left = (
+                    min(
+                        connection.last_active + self.idle_timeout_s,
+                        connection.connected_at + self.max_connection_s,
+                    )
+                    - time.time()
+                )
+                try:
+                    message = await asyncio.wait_for(socket.recv(), max(left, 0.001))
+                except TimeoutError:
+                    idle = time.time() - connection.last_active >= self.idle_timeout_s
+                    status, reason = 1001, "Going away" if idle else "Connection duration exceeded"
+                    await socket.close(1001, "Going away")
+                    break
+                connection.last_active = time.time()
+                context = self._context(
+                    connection_id, "$default", "MESSAGE", messageId=secrets.token_urlsafe(12)
+                )
+                if connection.authorizer:
+                    context["authorizer"] = connection.authorizer
+                event = {"requestContext": context, "body": message, "isBase64Encoded": False}
+                await self._invoke("$default", self.routes.default, event)
+        except ConnectionClosed as e:
+            if e.rcvd is not None:
+                status, reason = e.rcvd.code, e.rcvd.reason or "client closed"
+            elif e.sent is not None:
+                status, reason = e.sent.code, e.sent.reason
+        finally:
+            self.connections.pop(connection_id, None)
+            if self.deliver_disconnect:
+                context = self._context(
+                    connection_id,
+                    "$disconnect",
+                    "DISCONNECT",
+                    disconnectStatusCode=status,
+                    disconnectReason=reason,
+                )
+                if connection.authorizer:
+                    context["authorizer"] = connection.authorizer
+                await self._invoke(
+                    "$disconnect", self.routes.disconnect, {"requestContext": context, "headers": {}}
+                )
+
+    # ---- @connections -----------------------------------------------------------------------------
+    async def _serve_management(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A small HTTP/1.1 server (kept-alive, Content-Length bodies) for the management API."""
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                status, payload, extra = await self._management(
+                    method, unquote(urlsplit(target).path), headers, body
+                )
+                head = [f"HTTP/1.1 {status.value} {status.phrase}", f"Content-Length: {len(payload)}"]
+                head += ["Content-Type: application/json", "Connection: keep-alive"]
+                head += [f"{k}: {v}" for k, v in extra.items()]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            writer.close()
+
+    async def _management(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[HTTPStatus, bytes, dict[str, str]]:
+        prefix = f"/{self.stage}/@connections/"
+        if not path.startswith(prefix):
+            return _error(HTTPStatus.NOT_FOUND, "NotFoundException", f"no route {path}")
+        if not headers.get("authorization", "").startswith("AWS4-HMAC-SHA256 "):
+            return _error(HTTPStatus.FORBIDDEN, "ForbiddenException", "Missing Authentication Token")
+        connection = self.connections.get(path[len(prefix) :])
+        if connection is None:
+            return _error(HTTPStatus.GONE, "GoneException", None)
+        if method == "GET":
+            info = {
+                "connectedAt": _iso(connection.connected_at),
+                "lastActiveAt": _iso(connection.last_active),
+                "identity": {"sourceIp": connection.source_ip, "userAgent": connection.user_agent},
+            }
+            return HTTPStatus.OK, json.dumps(info).encode(), {}
+        if method == "DELETE":
+            task = asyncio.create_task(connection.socket.close(1000, ""))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return HTTPStatus.NO_CONTENT, b"", {}
+        if method != "POST":
+            return _error(HTTPStatus.METHOD_NOT_ALLOWED, "BadRequestException", method)
+        if len(body) > MESSAGE_LIMIT:
+            return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "PayloadTooLargeException", "Message too long")
+        if self.throttle_posts > 0:
+            self.throttle_posts -= 1
+            return _error(HTTPStatus.TOO_MANY_REQUESTS, "LimitExceededException", "Rate exceeded")
+        text = body.decode("utf-8", errors="replace")
+        try:
+            if len(body) > FRAME_LIMIT:  # API Gateway splits what it sends into 32 KB frames
+                await connection.socket.send(_fragments(text))
+            else:
+                await connection.socket.send(text)
+        except ConnectionClosed:
+            return _error(HTTPStatus.GONE, "GoneException", None)
+        return HTTPStatus.OK, b"", {}
+
+
+def _fragments(text: str) -> list[str]:
+    data, pieces, start = text.encode(), [], 0
+    while start < len(data):
+        end = min(start + FRAME_LIMIT, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:  # never split a UTF-8 character
+            end -= 1
+        pieces.append(data[start:end].decode())
+        start = end
+    return pieces
+
+
+def _refuse(status: HTTPStatus) -> Response:
+    return Response(status.value, status.phrase, Headers([("Content-Length", "0")]), b"")
+
+
+def _error(status: HTTPStatus, code: str, message: str | None) -> tuple[HTTPStatus, bytes, dict[str, str]]:
+    return status, json.dumps({"message": message}).encode(), {"x-amzn-ErrorType": code}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve-url", default="http://127.0.0.1:8000", help="the Serve ingress")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="WebSocket port")
+    parser.add_argument("--management-port", type=int, default=0, help="@connections port (0: any free)")
+    parser.add_argument("--stage", default="local")
+    parser.add_argument(
+        "--token", default=os.environ.get("CSM_TOKEN"), help="shared token (default $CSM_TOKEN)"
+    )
+    parser.add_argument("--authorizer", action="store_true", help="check the token in the Lambda authorizer")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=IDLE_TIMEOUT_S, help="seconds (API Gateway: 600)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    async def run() -> None:
+        gateway = LocalGateway(
+            args.serve_url,
+            token=args.token,
+            use_authorizer=args.authorizer,
+            host=args.host,
+            port=args.port,
+            management_port=args.management_port,
+            stage=args.stage,
+            idle_timeout_s=args.idle_timeout,
+        )
+        async with gateway:
+            print(f"ready: {gateway.url} (@connections at {gateway.callback_url})", flush=True)
+            await asyncio.Future()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The AWS-shaped path, all on this machine: WebSocket client → local API Gateway emulator → the real
+Lambda handlers → the real Serve app → boto3 `post_to_connection` → the emulator → the client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from lambda_bridge.local_gateway import LocalGateway
+from tests.conftest import APP_TOKEN
+from tests.realtime_client import Client, audio_samples, expected_frames, of_type, speech
+
+FRAME = 1920
+
+
+@pytest.fixture
+async def gateway(serve_app):
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN) as gw:
+        yield gw
+
+
+async def connect(gateway: LocalGateway, **query) -> Client:
+    client = await Client.connect(gateway.url, token=APP_TOKEN, **query)
+    assert (await client.recv())["type"] == "session.created"
+    info = await client.recv()
+    assert info["type"] == "x-server.info" and info["random_weights"] is True
+    return client
+
+
+async def test_a_spoken_turn_through_the_gateway(gateway, tmp_path):
+    client = await connect(gateway)
+    await client.stream(speech("hello world", tmp_path))
+    events = await client.until("response.done")
+    types = [e["type"] for e in events]
+    for name in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "conversation.item.input_audio_transcription.completed",
+        "response.output_audio.delta",
+    ):
+        assert name in types, name
+    assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
+    reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+    assert audio_samples(events) == expected_frames(reply) * FRAME  # nothing lost on the way
+    await client.close()
+    # Every client message went through `$default`, and each was one event the ingress took.
+    appends = [e for route, e in gateway.invocations if route == "$default"]
+    assert len(appends) == len(speech("hello world", tmp_path)) // 1920 + 1
+
+
+async def test_a_typed_turn_and_a_bad_message_through_the_gateway(gateway):
+    client = await connect(gateway)
+    await client.send_raw("not json")
+    assert (await client.recv())["error"]["code"] == "invalid_json"
+    await client.say_text("what is the weather like")
+    events = await client.until("response.done")
+    reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+    assert reply == "You said: what is the weather like."
+    assert audio_samples(events) == expected_frames(reply) * FRAME
+    await client.close()
+
+
+async def active_conversations(url: str) -> int:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        return (await http.get("/readyz")).json()["conversations"]
+
+
+async def test_leaving_mid_reply_cancels_it_and_keeps_the_history(serve_app):
+    """The person closes the tab and API Gateway's `$disconnect` never comes (it is best-effort): the
+    ingress learns it from `GoneException`, stops the reply, frees the engine slot, keeps the history."""
+    generator = serve.get_deployment_handle("CSMGenerator", "csm")
+    before = await active_conversations(serve_app["url"])
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN, deliver_disconnect=False) as gw:
+        client = await connect(gw, conversation_id="bridge_leaver")
+        await client.say_text("tell me a long story about the sea")
+        await client.until("response.output_audio.delta")
+        await client.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if (
+                await active_conversations(serve_app["url"]) == before
+                and (await generator.info.remote())["running"] == 0
+            ):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the conversation outlived its connection")
+    assert not [route for route, _ in gw.invocations if route == "$disconnect"]
+    with open(f"{serve_app['args']['ingress']['history_dir']}/bridge_leaver.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    turns = [(r["role"], r["text"]) for r in records if r["kind"] == "turn"]
+    assert turns[0] == ("user", "tell me a long story about the sea")
+    assert turns[1][0] == "assistant"  # what was said before the person left
+
+
+async def test_a_disconnect_ends_the_conversation(serve_app):
+    before = await active_conversations(serve_app["url"])
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN) as gw:
+        client = await connect(gw)
+        assert await active_conversations(serve_app["url"]) == before + 1
+        await client.close()
+        deadline = time.monotonic() + 10
+        while await active_conversations(serve_app["url"]) != before:
+            assert time.monotonic() < deadline, "the conversation outlived its connection"
+            await asyncio.sleep(0.1)
+    assert [route for route, _ in gw.invocations if route == "$disconnect"]
