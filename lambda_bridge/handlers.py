@@ -47,13 +47,17 @@ def connect(event: dict, context) -> dict:
         log = logger()
         s = settings()
         if s.auth_mode == "handler":
-            if authenticate(presented_token(query, event.get("headers") or {}) or "") is None:
+            principal = authenticate(presented_token(query, event.get("headers") or {}) or "")
+            if principal is None:
                 log.warning("refused: missing or wrong token")
                 return {"statusCode": 401, "body": "unauthorized"}
+        else:
+            principal = (ctx.get("authorizer") or {}).get("principalId")
         body = {
             "callback_url": s.callback_for(ctx),
             "conversation_id": query.get("conversation_id"),
             "region": os.environ.get("AWS_REGION"),
+            "principal": principal,  # whose conversation: the ingress limits open ones per principal
         }
         try:
             reply = serve().connect(connection_id, body, deadline(context))
@@ -67,6 +71,9 @@ def connect(event: dict, context) -> dict:
         if reply.status == 503:
             log.warning("refused: the server is at capacity")
             return {"statusCode": 503, "body": "server busy"}
+        if reply.status == 429:
+            log.warning("refused: %s", reply.body.get("error"))
+            return {"statusCode": 429, "body": "too many open conversations"}
         if reply.status == 400:
             log.warning("refused: %s", reply.body.get("error"))
             return {"statusCode": 400, "body": str(reply.body.get("error"))}
@@ -78,7 +85,12 @@ def default(event: dict, context) -> dict:
     ctx = event["requestContext"]
     connection_id = ctx["connectionId"]
     body = event.get("body") or ""
-    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    raw = body.encode()
+    if event.get("isBase64Encoded"):  # API Gateway refuses binary frames, but never trust a flag
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except ValueError:
+            pass  # forwarded as it came: the ingress names what is wrong with it
     with bind(connection_id=connection_id, route="$default", request_id=ctx.get("requestId")):
         log = logger()
         callback = settings().callback_for(ctx)

@@ -26,6 +26,7 @@ from serve_app.ingress import ConversationIngress, IngressConfig
 
 # Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
 GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
+DEPLOYMENTS = ("generator", "decoder", "tokenizer", "recognizer", "responder", "ingress")
 
 
 class AppArgs(BaseModel):
@@ -40,6 +41,9 @@ class AppArgs(BaseModel):
     recognizer: dict = Field(default_factory=dict)  # SpeechRecognizer arguments (backend, whisper_path)
     responder: dict = Field(default_factory=dict)  # deployments.responder.ResponderConfig
     ingress: dict = Field(default_factory=dict)  # serve_app.ingress.IngressConfig
+    # Serve options per deployment (num_replicas, health_check_period_s, ...), by the names below, for
+    # programmatic runs; `serve run` takes the same from the YAML's `deployments:` section.
+    options: dict[str, dict] = Field(default_factory=dict)
 
 
 def _gpu_fractions() -> dict[str, float]:
@@ -58,12 +62,18 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     gpu = device != "cpu" and (device == "cuda" or _cuda_available())
     share = _gpu_fractions() if gpu else dict.fromkeys(GPU_FRACTIONS, 0.0)
 
+    unknown = set(a.options) - set(DEPLOYMENTS)
+    if unknown:
+        raise ValueError(f"options: unknown deployments {sorted(unknown)}; known: {list(DEPLOYMENTS)}")
+
     def on(name: str) -> dict:
-        options: dict = {"ray_actor_options": {"num_cpus": 0, "num_gpus": share[name]}}
+        options: dict = {}
+        if name in share:
+            options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": share[name]}
         if name in ("decoder", "tokenizer"):
             # Called every 80-160 ms per conversation: a log line per call costs CPU and disk for nothing.
             options["logging_config"] = {"enable_access_log": False}
-        return options
+        return {**options, **a.options.get(name, {})}
 
     codec = {"device": device, "preset": a.codec_preset}
     # Validated here, so a bad config fails `serve run` at once instead of in a replica's constructor.
@@ -79,8 +89,9 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg.model_dump())
     tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg.model_dump())
     recognizer = SpeechRecognizer.options(**on("recognizer")).bind(**a.recognizer)
-    responder = Responder.bind(a.responder)
-    return ConversationIngress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)
+    responder = Responder.options(**on("responder")).bind(a.responder)
+    ingress = ConversationIngress.options(**on("ingress"))
+    return ingress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)
 
 
 def _cuda_available() -> bool:

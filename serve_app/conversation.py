@@ -138,6 +138,11 @@ class Conversation:
         for task in list(self._finishing):
             await asyncio.gather(task, return_exceptions=True)
 
+    @property
+    def busy(self) -> bool:
+        """A turn is being transcribed or a reply spoken: a quiet client is listening, not idle."""
+        return self.reply is not None or bool(self._finishing)
+
     # ---- client events ----------------------------------------------------------------------------
     async def handle(self, event: p.ClientEvent) -> None:
         try:

@@ -11,10 +11,15 @@ Only the emit loop writes to the socket.
 # (a string `WebSocket` annotation would make the socket a query parameter and refuse every connection).
 
 import asyncio
+import contextlib
+import hashlib
 import hmac
+import json
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -46,6 +51,9 @@ class IngressConfig(BaseModel):
     token: str | None = None  # default: $CSM_TOKEN; none: no token needed
     frontend_dir: str | None = None  # default: frontend/dist of the checkout
     max_conversations: int = Field(16, ge=1)
+    # Open conversations one token may hold (per ingress replica); the bridge passes its authorizer's
+    # principal instead (a Cognito user, say). Off by default: the demo's one shared token is everyone's.
+    max_conversations_per_token: int | None = Field(None, ge=1)
     max_message_bytes: int = Field(p.DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     max_audio_ms_per_message: int = Field(1000, ge=20)
     events_per_second: float = Field(50.0, gt=0)  # sustained, per conversation
@@ -100,6 +108,15 @@ class _Session:
         await self.conversation.handle(event)
 
 
+def _presented(query_token: str | None, authorization: str | None) -> str | None:
+    """The token a client presented: `?token=` (browsers cannot set headers), else `Authorization: Bearer`."""
+    if query_token is not None:
+        return query_token
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
 _PLACEHOLDER = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CSM voice</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto">
@@ -139,9 +156,12 @@ class ConversationIngress:
         self.vad = load_vad_model()
         self._ending: asyncio.Task | None = None
         self._random: bool | None = None
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.slots = asyncio.Semaphore(cfg.max_conversations)
         self.active: dict[int, _Session] = {}
         self.bridged: dict[str, tuple[_Session, asyncio.Task, EventSink]] = {}
+        self.bridged_principal: dict[str, str] = {}
+        self.per_token: Counter[str] = Counter()
         self._m_active = metrics.Gauge("csm_conversations_active", description="Open conversations.")
         self._m_turn = metrics.Histogram(
             "csm_turn_latency_seconds",
@@ -244,7 +264,12 @@ class ConversationIngress:
             )
             await ws.close(code=1013, reason="server busy")
             return
-        async with self.slots:
+        principal = self._principal(ws.query_params.get("token"), ws.headers.get("authorization"))
+        if not self._take(principal):
+            await ws.send_text(p.error_event("limit_exceeded", self._per_token_message()).to_json())
+            await ws.close(code=1008, reason="too many conversations")
+            return
+        async with self.slots, self._holding(principal):
             session = await self._open(conversation_id)
             self.active[id(session)] = session
             self._count_conversations()
@@ -254,6 +279,8 @@ class ConversationIngress:
                     try:
                         message = await asyncio.wait_for(ws.receive(), timeout=self.cfg.idle_timeout_s)
                     except TimeoutError:
+                        if session.conversation.busy:
+                            continue
                         session.conversation.send(
                             p.error_event("limit_exceeded", "idle for too long; closing")
                         )
@@ -315,6 +342,7 @@ class ConversationIngress:
                 default_voice=self.cfg.default_voice,
                 random_weights=await self._random_weights(),
                 max_reply_seconds=self.cfg.limits.max_reply_seconds,
+                replica=self.replica,
             )
         )
         return _Session(conversation, outbox, self.cfg)
@@ -332,10 +360,38 @@ class ConversationIngress:
     def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
         if self.token is None:
             return True
-        given = query_token
-        if given is None and authorization and authorization.lower().startswith("bearer "):
-            given = authorization[7:].strip()
+        given = _presented(query_token, authorization)
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _principal(self, query_token: str | None, authorization: str | None) -> str:
+        """Who holds a direct socket, for the per-token limit: a digest of the token, never the token."""
+        given = _presented(query_token, authorization)
+        return "token:" + hashlib.sha256(given.encode()).hexdigest()[:16] if given else "anonymous"
+
+    def _take(self, principal: str) -> bool:
+        """Count one more conversation for `principal`, unless it already holds its limit."""
+        limit = self.cfg.max_conversations_per_token
+        if limit is not None and self.per_token[principal] >= limit:
+            self._m_refused.inc()
+            return False
+        self.per_token[principal] += 1
+        return True
+
+    def _release(self, principal: str) -> None:
+        self.per_token[principal] -= 1
+        if self.per_token[principal] <= 0:
+            del self.per_token[principal]
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, principal: str) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self._release(principal)
+
+    def _per_token_message(self) -> str:
+        limit = self.cfg.max_conversations_per_token
+        return f"this token already holds {limit} open conversations; close one first"
 
     # ---- the Lambda bridge ------------------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=4096)
@@ -359,8 +415,14 @@ class ConversationIngress:
     @app.post("/bridge/connections/{connection_id:path}")
     async def bridge_connect(self, connection_id: str, request: Request) -> JSONResponse:
         await self._route(connection_id)
-        body = await request.json()
-        if not self._authorized(body.get("token"), request.headers.get("authorization")):
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
+        token = body.get("token") if isinstance(body.get("token"), str) else None
+        if not self._authorized(token, request.headers.get("authorization")):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         if connection_id in self.bridged:  # the bridge retried a connect we had already done
             return JSONResponse({"conversation_id": self.bridged[connection_id][0].conversation.id})
@@ -368,14 +430,29 @@ class ConversationIngress:
         if not isinstance(callback, str) or not callback.startswith(("http://", "https://")):
             return JSONResponse({"error": "callback_url (http or https) is required"}, status_code=400)
         try:
-            conversation_id = check_conversation_id(body.get("conversation_id") or p.new_id("conv"))
+            conversation_id = body.get("conversation_id") or p.new_id("conv")
+            region = body.get("region")
+            if not isinstance(conversation_id, str) or not isinstance(region, str | None):
+                raise ValueError("conversation_id and region must be strings")
+            conversation_id = check_conversation_id(conversation_id)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+        principal = body.get("principal")
+        if not isinstance(principal, str) or not principal:
+            principal = "bridge:anonymous"
         if self._full():
             return JSONResponse({"error": "server busy"}, status_code=503)
+        if not self._take(principal):
+            return JSONResponse({"error": self._per_token_message()}, status_code=429)
+        self.bridged_principal[connection_id] = principal
         await self.slots.acquire()
-        session = await self._open(conversation_id)
-        sink = ApiGatewaySink(callback, body.get("region"))
+        try:
+            session = await self._open(conversation_id)
+        except BaseException:
+            self.slots.release()
+            self._release(self.bridged_principal.pop(connection_id))
+            raise
+        sink = ApiGatewaySink(callback, region)
         task = asyncio.create_task(self._bridge_emit(connection_id, session, sink))
         self.bridged[connection_id] = (session, task, sink)
         self._count_conversations()
@@ -413,4 +490,5 @@ class ConversationIngress:
         session.outbox.put_nowait(None)
         await asyncio.gather(task, return_exceptions=True)
         self.slots.release()
+        self._release(self.bridged_principal.pop(connection_id))
         self._count_conversations()

@@ -713,6 +713,7 @@ class ServerInfo(ServerEvent):
     default_voice: str
     random_weights: bool
     max_reply_seconds: float
+    replica: str  # the ingress replica holding the conversation: for logs, support and fault tests
 
 
 class ErrorEvent(ServerEvent):

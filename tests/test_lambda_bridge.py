@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from lambda_bridge import authorizer, logs, settings
 from lambda_bridge.local_gateway import LocalGateway
 from serve_app.bridge import MAX_MESSAGE_BYTES, ApiGatewaySink, split_message
-from tests.aws_standins import FakeIngress, aws_json_api, http_server
+from tests.standins import FakeIngress, aws_json_api, http_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bridge-secret"

@@ -1,6 +1,7 @@
 """Local servers standing in for what cannot be reached here, spoken to by the real clients (boto3,
-the bridge's http.client): AWS JSON APIs (Secrets Manager, SSM, a Cognito JWKS document), and an
-ingress whose behaviour a test chooses (down, slow, forgetful) for the bridge's failure paths."""
+the bridge's http.client, the Responder's httpx): AWS JSON APIs (Secrets Manager, SSM, a Cognito JWKS
+document), an ingress whose behaviour a test chooses (down, slow, forgetful) for the bridge's failure
+paths, and an OpenAI-compatible chat server that can be slow or broken."""
 
 from __future__ import annotations
 
@@ -98,3 +99,26 @@ class FakeIngress:
         if self.mode == "forgetful":
             return 404, json_type, b'{"error": "unknown connection"}'
         return 200, json_type, b'{"conversation_id": "conv_fake"}'
+
+
+class FakeLLM:
+    """`POST /v1/chat/completions` streamed as OpenAI's SSE; `mode`: "ok", "slow" (answers after
+    `delay_s`) or "error" (HTTP 500)."""
+
+    def __init__(self, reply: str = "Fine, thanks. And you?") -> None:
+        self.reply = reply
+        self.mode = "ok"
+        self.delay_s = 0.0
+
+    def __call__(self, method: str, path: str, headers: dict[str, str], body: bytes):
+        if self.mode == "slow":
+            time.sleep(self.delay_s)
+        if self.mode == "error":
+            error = {"error": {"message": "The server is overloaded", "type": "server_error"}}
+            return 500, {"Content-Type": "application/json"}, json.dumps(error).encode()
+        events = []
+        for word in self.reply.split(" "):
+            choice = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
+            events.append({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
+        stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return 200, {"Content-Type": "text/event-stream"}, stream.encode()
