@@ -209,6 +209,9 @@ class LocalGateway:
     # ---- Lambda invocations -----------------------------------------------------------------------
     def _context(self, connection_id: str, route: str, event_type: str, **extra) -> dict:
         now = time.time()
+        known = self.connections.get(connection_id)
+        if known is not None:
+            extra.setdefault("identity", {"sourceIp": known.source_ip, "userAgent": known.user_agent})
         return {
             "routeKey": route,
             "eventType": event_type,
@@ -221,9 +224,7 @@ class LocalGateway:
             "requestTimeEpoch": int(now * 1000),
             "requestTime": datetime.fromtimestamp(now, UTC).strftime("%d/%b/%Y:%H:%M:%S +0000"),
             "messageDirection": "IN",
-            "connectedAt": int(self.connections[connection_id].connected_at * 1000)
-            if connection_id in self.connections
-            else int(now * 1000),
+            "connectedAt": int((known.connected_at if known else now) * 1000),
             **extra,
         }
 
@@ -247,9 +248,12 @@ class LocalGateway:
         parts = urlsplit(request.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         headers = {k: v for k, v in request.headers.raw_items()}
-        connection_id = base64.b64encode(
-            secrets.token_bytes(10)
-        ).decode()  # like API Gateway's: has '=' and '/'
+        # Shaped like API Gateway's (base64 of 10 bytes): '=' and sometimes '/' or '+' in it.
+        connection_id = base64.b64encode(secrets.token_bytes(10)).decode()
+        identity = {
+            "sourceIp": socket.remote_address[0] if socket.remote_address else "127.0.0.1",
+            "userAgent": request.headers.get("User-Agent", ""),
+        }
         base = {
             "headers": headers,
             "multiValueHeaders": {k: [v] for k, v in headers.items()},
@@ -263,7 +267,7 @@ class LocalGateway:
                 **base,
                 "type": "REQUEST",
                 "methodArn": f"arn:aws:execute-api:us-east-1:000000000000:{API_ID}/{self.stage}/$connect",
-                "requestContext": self._context(connection_id, "$connect", "CONNECT"),
+                "requestContext": self._context(connection_id, "$connect", "CONNECT", identity=identity),
             }
             result = await self._invoke("authorizer", self.routes.authorizer, event)
             if not result or result.get("__unauthorized__"):
@@ -272,7 +276,7 @@ class LocalGateway:
             if statement["Effect"] != "Allow":
                 return _refuse(HTTPStatus.FORBIDDEN)
             authorized = {"principalId": result["principalId"], **result.get("context", {})}
-        context = self._context(connection_id, "$connect", "CONNECT")
+        context = self._context(connection_id, "$connect", "CONNECT", identity=identity)
         if authorized:
             context["authorizer"] = authorized
         result = await self._invoke("$connect", self.routes.connect, {**base, "requestContext": context})
@@ -285,8 +289,8 @@ class LocalGateway:
         socket.gateway_connection = _Connection(  # type: ignore[attr-defined]
             connection_id,
             socket,
-            source_ip=socket.remote_address[0] if socket.remote_address else "127.0.0.1",
-            user_agent=request.headers.get("User-Agent", ""),
+            source_ip=identity["sourceIp"],
+            user_agent=identity["userAgent"],
             authorizer=authorized,
         )
         return None
