@@ -94,5 +94,25 @@ def audio_samples(events: list[dict]) -> int:
     )
 
 
+# What a spoken turn with a reply must produce, in this order of first appearance.
+SPOKEN_TURN = (
+    "input_audio_buffer.speech_started",
+    "input_audio_buffer.speech_stopped",
+    "input_audio_buffer.committed",
+    "response.created",  # at once: the reply starts while the transcript is being made
+    "conversation.item.input_audio_transcription.completed",
+    "response.output_audio.delta",
+    "response.done",
+)
+
+
+def assert_spoken_turn(events: list[dict]) -> None:
+    types = [e["type"] for e in events]
+    missing = [name for name in SPOKEN_TURN if name not in types]
+    assert not missing, f"missing {missing} in {types}"
+    firsts = [types.index(name) for name in SPOKEN_TURN]
+    assert firsts == sorted(firsts), f"out of order: {types}"
+
+
 def of_type(events: list[dict], type: str) -> list[dict]:
     return [e for e in events if e["type"] == type]

@@ -13,7 +13,7 @@ from ray import serve
 
 from lambda_bridge.local_gateway import LocalGateway
 from tests.conftest import APP_TOKEN
-from tests.realtime_client import Client, audio_samples, expected_frames, of_type, speech
+from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
 
@@ -36,14 +36,7 @@ async def test_a_spoken_turn_through_the_gateway(gateway, tmp_path):
     client = await connect(gateway)
     await client.stream(speech("hello world", tmp_path))
     events = await client.until("response.done")
-    types = [e["type"] for e in events]
-    for name in (
-        "input_audio_buffer.speech_started",
-        "input_audio_buffer.speech_stopped",
-        "conversation.item.input_audio_transcription.completed",
-        "response.output_audio.delta",
-    ):
-        assert name in types, name
+    assert_spoken_turn(events)
     assert of_type(events, "response.done")[0]["response"]["status"] == "completed"
     reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
     assert audio_samples(events) == expected_frames(reply) * FRAME  # nothing lost on the way

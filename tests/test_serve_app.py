@@ -16,7 +16,7 @@ import websockets
 from ray import serve
 
 from tests.conftest import APP_TOKEN, MAX_CONVERSATIONS
-from tests.realtime_client import Client, audio_samples, expected_frames, of_type, speech
+from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
 
@@ -58,18 +58,7 @@ async def test_spoken_turn_end_to_end(app, tmp_path):
     assert (await client.until("session.updated"))[-1]["session"]["audio"]["output"]["voice"] == "narrator"
     await client.stream(speech("hello world", tmp_path))
     events = await client.until("response.done")
-    types = [e["type"] for e in events]
-    for name in (
-        "input_audio_buffer.speech_started",
-        "input_audio_buffer.speech_stopped",
-        "input_audio_buffer.committed",
-        "conversation.item.input_audio_transcription.completed",
-        "response.created",
-        "response.output_audio.delta",
-        "response.done",
-    ):
-        assert name in types, name
-    assert types.index("input_audio_buffer.speech_started") < types.index("input_audio_buffer.speech_stopped")
+    assert_spoken_turn(events)
     started = of_type(events, "input_audio_buffer.speech_started")[0]
     assert 500 <= started["audio_start_ms"] <= 1200  # speech begins at 1 s; 300 ms of prefix padding
     transcript = of_type(events, "conversation.item.input_audio_transcription.completed")[0]["transcript"]
