@@ -132,22 +132,33 @@ def log_sink(namespace: str) -> Callable[[list[dict]], None]:
     return lambda data: print(json.dumps({"namespace": namespace, "metric_data": data}), flush=True)
 
 
+def publish_once(discovery_file: Path, cluster: str, put: Callable[[list[dict]], None]) -> bool:
+    """One interval's reading and put; False (logged) when it failed."""
+    try:
+        put(metric_data(read_load(discovery_file), cluster))
+    except Exception:  # a bad interval must not stop the publishing: the alarms watch for gaps
+        log.exception("publishing the cluster's load failed; retrying next interval")
+        return False
+    return True
+
+
 def run(discovery_file: Path, cluster: str, put: Callable[[list[dict]], None], interval_s: float) -> None:
     while True:
         started = time.monotonic()
-        try:
-            put(metric_data(read_load(discovery_file), cluster))
-        except Exception:  # a bad interval must not stop the publishing: the alarms watch for gaps
-            log.exception("publishing the cluster's load failed; retrying next interval")
+        publish_once(discovery_file, cluster, put)
         time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Publish the Ray Serve cluster's load to CloudWatch.")
-    parser.add_argument("--discovery-file", type=Path, default=Path("/tmp/ray/prom_metrics_service_discovery.json"))
+    parser.add_argument(
+        "--discovery-file", type=Path, default=Path("/tmp/ray/prom_metrics_service_discovery.json")
+    )
     parser.add_argument("--namespace", default=os.environ.get("CSM_METRICS_NAMESPACE", "CSM/Serve"))
     parser.add_argument("--cluster", default=os.environ.get("CSM_CLUSTER_NAME", "csm"))
-    parser.add_argument("--interval", type=float, default=float(os.environ.get("CSM_METRICS_INTERVAL_S", "60")))
+    parser.add_argument(
+        "--interval", type=float, default=float(os.environ.get("CSM_METRICS_INTERVAL_S", "60"))
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",

@@ -234,6 +234,14 @@ class ConversationIngress:
             return FileResponse(page)
         return HTMLResponse(_PLACEHOLDER)
 
+    @app.get("/config.json")
+    async def page_config(self) -> Response:
+        """The page's optional settings (the endpoint); none here means the page's defaults."""
+        path = self.frontend / "config.json"
+        if path.is_file():
+            return FileResponse(path)
+        return JSONResponse({"error": "not found"}, status_code=404)
+
     @app.get("/assets/{name:path}")
     async def asset(self, name: str) -> Response:
         base = (self.frontend / "assets").resolve()
@@ -246,6 +254,10 @@ class ConversationIngress:
     @app.websocket("/v1/realtime")
     async def realtime(self, ws: WebSocket) -> None:
         if not self._authorized(ws.query_params.get("token"), ws.headers.get("authorization")):
+            # Accepted, then closed: a browser sees close code 1008 and a reason (a refused handshake
+            # reaches it only as 1006, which looks like a dead server).
+            await ws.accept()
+            await ws.send_text(p.error_event("unauthorized", "a valid token is required (?token=)").to_json())
             await ws.close(code=1008, reason="unauthorized")
             return
         try:

@@ -27,6 +27,8 @@ from tests.standins import FakeLLM, http_server
 
 APP = "faults"
 REPLY = "Fine, thanks. And you?"
+# Long enough that a replica killed after the first audio is always killed mid-reply, even on a slow run.
+LONG_REPLY = " ".join(f"This is sentence number {i} of a long story about the sea." for i in range(12))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,11 @@ def faults(serve_app, tmp_path_factory):
                 for name in ("generator", "decoder", "tokenizer", "recognizer", "responder", "ingress")
             },
         }
-        args["ingress"] = {**args["ingress"], "history_dir": str(history)}
+        args["ingress"] = {
+            **args["ingress"],
+            "history_dir": str(history),
+            "limits": {"max_reply_seconds": 60.0},
+        }
         args["options"]["ingress"]["num_replicas"] = 2
         serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
         try:
@@ -104,11 +110,15 @@ def history(faults, conversation_id: str) -> list[tuple[str, str]]:
 async def test_a_model_replica_dying_mid_reply(faults, deployment):
     talker, _ = await connect(faults, conversation_id=f"dies_{deployment}")
     other, _ = await connect(faults)
-    await talker.say_text("tell me about the sea")
-    await talker.until("response.output_audio.delta")
-    (victim,) = replicas(deployment)
-    kill(victim)
-    events = await talker.until("response.done", timeout=60)
+    faults["llm"].reply = LONG_REPLY
+    try:
+        await talker.say_text("tell me about the sea")
+        await talker.until("response.output_audio.delta")
+        (victim,) = replicas(deployment)
+        kill(victim)
+        events = await talker.until("response.done", timeout=120)
+    finally:
+        faults["llm"].reply = REPLY
     status = of_type(events, "response.done")[0]["response"]["status"]
     if status == "failed":  # the reply ends with an error naming what happened...
         (error,) = of_type(events, "error")

@@ -50,6 +50,7 @@ async def test_health_ready_and_voices(app):
         assert (await http.get("/assets/app.js")).text == "console.log('page')"
         assert (await http.get("/assets/..%2Fsecret.txt")).status_code == 404
         assert (await http.get("/assets/missing.js")).status_code == 404
+        assert (await http.get("/config.json")).status_code == 404  # none: the page's defaults
 
 
 async def test_spoken_turn_end_to_end(app, tmp_path):
@@ -186,10 +187,13 @@ async def test_every_bad_message_gets_one_error_and_the_conversation_goes_on(app
 
 
 async def test_token_is_required(app):
-    with pytest.raises(websockets.InvalidStatus):
-        await websockets.connect(app["ws"])
-    with pytest.raises(websockets.InvalidStatus):
-        await websockets.connect(app["ws"] + "?token=wrong")
+    for url in (app["ws"], app["ws"] + "?token=wrong"):
+        refused = await Client.connect(url)
+        event = await refused.recv()
+        assert event["type"] == "error" and event["error"]["code"] == "unauthorized"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await refused.recv()
+        assert closed.value.rcvd.code == 1008  # the page stops retrying on 1008
 
 
 async def test_server_busy_refusal(app):

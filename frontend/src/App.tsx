@@ -1,0 +1,358 @@
+import { useCallback, useEffect, useMemo, useRef, useState, useSyncExternalStore } from "react";
+import { Composer } from "./components/Composer";
+import { FailureScreen } from "./components/FailureScreen";
+import { Orb } from "./components/Orb";
+import { SettingsDialog } from "./components/SettingsDialog";
+import { Transcript } from "./components/Transcript";
+import { Visualizer } from "./components/Visualizer";
+import { AudioSession, MicrophoneError } from "./lib/audioSession";
+import {
+  defaultEndpoint,
+  type EndpointSettings,
+  isSameOrigin,
+  loadConfigFile,
+  loadSaved,
+  resolveSettings,
+  saveSettings,
+} from "./lib/config";
+import { type ClientSnapshot, RealtimeClient } from "./lib/realtimeClient";
+import { installTestHook } from "./testHook";
+
+const VOICE_KEY = "csm.voice";
+const TRANSCRIPT_KEY = "csm.showTranscript";
+
+function storage(): Storage | undefined {
+  try {
+    return window.localStorage;
+  } catch {
+    return undefined;
+  }
+}
+
+function statusText(s: ClientSnapshot): string {
+  switch (s.phase) {
+    case "idle":
+      return "Press Start and talk";
+    case "connecting":
+      return "Connecting…";
+    case "listening":
+      return s.userSpeaking ? "Listening — you're speaking" : "Listening";
+    case "thinking":
+      return "Thinking…";
+    case "speaking":
+      return "Speaking";
+    case "reconnecting":
+      return s.reconnect ? `Connection lost — reconnecting (try ${s.reconnect.attempt} of ${s.reconnect.max})…` : "Reconnecting…";
+    case "error":
+      return s.failure?.message ?? "Something went wrong";
+  }
+}
+
+function voiceLabel(voice: string, defaultVoice: string | null): string {
+  const name = voice === "none" ? "None (CSM picks)" : voice;
+  return voice === defaultVoice ? `${name} — default` : name;
+}
+
+function formatSeconds(ms: number): string {
+  return `${(ms / 1000).toFixed(2)} s`;
+}
+
+function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+interface ServerPreview {
+  voices: string[];
+  defaultVoice: string | null;
+  randomWeights: boolean | null;
+}
+
+export function App() {
+  const [saved, setSaved] = useState<EndpointSettings | null>(() => loadSaved(storage()));
+  const [fileConfig, setFileConfig] = useState<EndpointSettings | null | undefined>(undefined);
+  const resolved = useMemo(
+    () => resolveSettings({ search: window.location.search, location: window.location, saved, config: fileConfig ?? null }),
+    [saved, fileConfig],
+  );
+  const resolvedRef = useRef(resolved);
+  resolvedRef.current = resolved;
+  const [voiceProcessing, setVoiceProcessing] = useState(resolved.voiceProcessing);
+  const [showTranscript, setShowTranscript] = useState(() => storage()?.getItem(TRANSCRIPT_KEY) !== "off");
+  const [settingsOpen, setSettingsOpen] = useState(false);
+  const [microphone, setMicrophone] = useState(true);
+  const [preview, setPreview] = useState<ServerPreview>({ voices: [], defaultVoice: null, randomWeights: null });
+
+  const [client] = useState(
+    () =>
+      new RealtimeClient({
+        endpoint: resolved.endpoint,
+        token: resolved.token,
+        voice: storage()?.getItem(VOICE_KEY) ?? null,
+        diagnoseRefusal: async () => {
+          // A refused handshake looks the same as a dead server to a browser. When the endpoint is this
+          // page's own server, ask it: alive means the token was refused.
+          if (!isSameOrigin(resolvedRef.current.endpoint, window.location)) return "unknown";
+          try {
+            return (await fetch("/healthz", { cache: "no-store" })).ok ? "auth" : "down";
+          } catch {
+            return "down";
+          }
+        },
+      }),
+  );
+  const snap = useSyncExternalStore(client.subscribe, client.getSnapshot);
+  const [audio, setAudio] = useState<AudioSession | null>(null);
+  const audioRef = useRef<AudioSession | null>(null);
+  const lastAudio = useRef<AudioSession | null>(null);
+
+  useEffect(() => {
+    void loadConfigFile(fetch).then(setFileConfig);
+    installTestHook(client, () => audioRef.current ?? lastAudio.current);
+  }, [client]);
+
+  useEffect(() => client.configure(resolved.endpoint, resolved.token), [client, resolved]);
+
+  // Before any call, this page's own server can say which voices it has and whether it runs on noise.
+  useEffect(() => {
+    if (fileConfig === undefined || !isSameOrigin(resolved.endpoint, window.location)) return;
+    let cancelled = false;
+    void (async () => {
+      try {
+        const [voices, ready] = await Promise.all([
+          fetch("/v1/voices").then((r) => (r.ok ? r.json() : null)),
+          fetch("/readyz").then((r) => (r.ok ? r.json() : null)),
+        ]);
+        if (cancelled) return;
+        setPreview({
+          voices: Array.isArray(voices?.voices) ? voices.voices.map((v: { id: string }) => v.id) : [],
+          defaultVoice: typeof voices?.default === "string" ? voices.default : null,
+          randomWeights: typeof ready?.random_weights === "boolean" ? ready.random_weights : null,
+        });
+      } catch {
+        // Not reachable yet: the socket's x-server.info tells the same once connected.
+      }
+    })();
+    return () => {
+      cancelled = true;
+    };
+  }, [fileConfig, resolved.endpoint]);
+
+  const closeAudio = useCallback(() => {
+    const session = audioRef.current;
+    audioRef.current = null;
+    setAudio(null);
+    client.setPlayer(null);
+    void session?.close();
+  }, [client]);
+
+  // The call is over (ended, failed, closed by the server): release the microphone and the speakers.
+  useEffect(() => {
+    if ((snap.phase === "idle" || snap.phase === "error") && audioRef.current !== null) closeAudio();
+  }, [snap.phase, closeAudio]);
+
+  useEffect(() => {
+    if (snap.notice === null) return;
+    const id = snap.notice.id;
+    const timer = setTimeout(() => client.dismissNotice(id), 8000);
+    return () => clearTimeout(timer);
+  }, [client, snap.notice]);
+
+  const status = statusText(snap);
+  useEffect(() => {
+    document.title = snap.phase === "idle" ? "CSM — voice conversation" : `CSM — ${status}`;
+  }, [snap.phase, status]);
+
+  /** Must run inside the click: the AudioContext is created and resumed synchronously here. */
+  const startCall = (microphone: boolean, resume: boolean) => {
+    if (audioRef.current !== null) closeAudio();
+    let session: AudioSession;
+    try {
+      session = new AudioSession({
+        microphoneEnded: () => client.fail("mic-missing", "The microphone stopped (it was unplugged or access was revoked)."),
+        started: (id) => client.playbackStarted(id, session.outputLatencyMs),
+        finished: (id) => client.playbackFinished(id),
+        drained: () => client.playbackDrained(),
+        progress: (_stats, items) => client.playbackProgress(items),
+      });
+    } catch (e) {
+      client.fail("audio", `This browser could not start audio: ${(e as Error).message}`);
+      return;
+    }
+    audioRef.current = session;
+    lastAudio.current = session;
+    setMicrophone(microphone);
+    setAudio(session);
+    client.setPlayer(session);
+    if (resume) client.retry();
+    else client.start();
+    session.start({ microphone, voiceProcessing, onAudio: (pcm) => client.appendAudio(pcm) }).catch((e: unknown) => {
+      if (audioRef.current !== session) return; // the call already ended (and its audio was closed)
+      if (e instanceof MicrophoneError) client.fail(e.kind, e.message);
+      else client.fail("audio", `Audio could not start: ${(e as Error)?.message ?? e}`);
+    });
+  };
+
+  const endCall = async () => {
+    await client.stop();
+    closeAudio();
+  };
+
+  const inCall = !["idle", "error"].includes(snap.phase);
+  const connected = ["listening", "thinking", "speaking"].includes(snap.phase);
+  const voices = snap.voices.length ? snap.voices : preview.voices;
+  const defaultVoice = snap.defaultVoice ?? preview.defaultVoice;
+  const randomWeights = snap.randomWeights ?? preview.randomWeights;
+  const selectedVoice = snap.voice ?? defaultVoice ?? "";
+  // The orb follows whoever talks: the reply while it plays, else the microphone (silent without one).
+  const orbAnalyser = audio === null ? null : snap.phase === "speaking" ? audio.outputAnalyser : audio.inputAnalyser;
+
+  return (
+    <div className="app" data-phase={snap.phase}>
+      <header className="topbar">
+        <div className="brand">
+          <span className="brand-mark" aria-hidden="true" />
+          <h1>CSM</h1>
+          <span className="brand-sub">voice conversation</span>
+        </div>
+        <button type="button" className="quiet" onClick={() => setSettingsOpen(true)} aria-haspopup="dialog">
+          Settings
+        </button>
+      </header>
+
+      {randomWeights ? (
+        <div className="banner" role="note" data-testid="random-weights">
+          <strong>Random weights.</strong> This server runs an untrained model: its replies are noise, not words.
+          Point <code>MODEL_PATH</code> at CSM-1B for speech.
+        </div>
+      ) : null}
+
+      <main className="main">
+        {snap.failure !== null ? (
+          <FailureScreen
+            failure={snap.failure}
+            endpoint={resolved.endpoint}
+            onRetry={() => {
+              const micFailed = snap.failure?.kind === "mic-denied" || snap.failure?.kind === "mic-missing";
+              startCall(micFailed || microphone, true);
+            }}
+            onTypeInstead={() => startCall(false, true)}
+            onSettings={() => setSettingsOpen(true)}
+            onDismiss={() => client.dismissFailure()}
+          />
+        ) : (
+          <section className="stage" aria-label="Conversation controls">
+            <Orb
+              phase={snap.phase}
+              inCall={inCall}
+              disabled={fileConfig === undefined}
+              analyser={orbAnalyser}
+              onToggle={() => (inCall ? void endCall() : startCall(true, false))}
+            />
+            <p className="status" role="status" aria-live="polite" data-testid="status" data-phase={snap.phase}>
+              {status}
+            </p>
+            <div className="meters">
+              <Visualizer label="You" analyser={microphone ? (audio?.inputAnalyser ?? null) : null} active={snap.userSpeaking} />
+              <Visualizer label="CSM" analyser={audio?.outputAnalyser ?? null} active={snap.phase === "speaking"} />
+            </div>
+            <p className="latency" data-testid="latency">
+              <span className="latency-label">Response time</span>{" "}
+              {snap.latencyMs === null ? (
+                <span className="latency-value">—</span>
+              ) : (
+                <>
+                  <span className="latency-value">{formatSeconds(snap.latencyMs)}</span>
+                  {snap.latencies.length > 1 ? (
+                    <span className="latency-extra">
+                      {" "}
+                      (median {formatSeconds(median(snap.latencies))} over {snap.latencies.length} replies)
+                    </span>
+                  ) : null}
+                </>
+              )}
+              <span className="visually-hidden"> from the end of your turn to the first audio of the reply</span>
+            </p>
+          </section>
+        )}
+
+        <section className="controls" aria-label="Conversation options">
+          <Composer enabled={connected} onSend={(text) => client.sendText(text)} />
+          <div className="options">
+            <label className="field">
+              <span>Voice</span>
+              <select
+                value={selectedVoice}
+                disabled={voices.length === 0}
+                onChange={(e) => {
+                  const v = e.target.value;
+                  storage()?.setItem(VOICE_KEY, v);
+                  client.setVoice(v);
+                }}
+              >
+                {voices.length === 0 ? <option value="">Known once connected</option> : null}
+                {voices.map((v) => (
+                  <option key={v} value={v}>
+                    {voiceLabel(v, defaultVoice)}
+                  </option>
+                ))}
+              </select>
+            </label>
+            <label className="toggle">
+              <input
+                type="checkbox"
+                role="switch"
+                checked={showTranscript}
+                onChange={(e) => {
+                  setShowTranscript(e.target.checked);
+                  storage()?.setItem(TRANSCRIPT_KEY, e.target.checked ? "on" : "off");
+                }}
+              />
+              <span>Show transcript</span>
+            </label>
+          </div>
+          {showTranscript ? <Transcript entries={snap.transcript} /> : null}
+        </section>
+      </main>
+
+      <div className="notice-area" role="status" aria-live="polite">
+        {snap.notice !== null ? (
+          <div className="notice" data-code={snap.notice.code}>
+            <span>{snap.notice.message}</span>
+            <button type="button" className="quiet" onClick={() => client.dismissNotice(snap.notice!.id)} aria-label="Dismiss message">
+              ×
+            </button>
+          </div>
+        ) : null}
+      </div>
+
+      <footer className="footer">
+        <span>
+          Server: <code>{resolved.endpoint.replace(/\?.*$/, "")}</code>
+        </span>
+        {!voiceProcessing ? <span> · voice processing off</span> : null}
+        {resolved.rejected.length > 0 ? (
+          <span className="warning">
+            {" "}
+            · ignored an unusable endpoint ({resolved.rejected[0].endpoint}); see Settings
+          </span>
+        ) : null}
+      </footer>
+
+      <SettingsDialog
+        open={settingsOpen}
+        resolved={resolved}
+        saved={saved}
+        defaultEndpoint={defaultEndpoint(window.location)}
+        voiceProcessing={voiceProcessing}
+        onVoiceProcessing={setVoiceProcessing}
+        onSave={(s) => {
+          saveSettings(storage(), s);
+          setSaved(loadSaved(storage()));
+        }}
+        onClose={() => setSettingsOpen(false)}
+      />
+    </div>
+  );
+}

@@ -1,0 +1,232 @@
+"""The cluster: Ray on ECS. A Ray head service, a GPU worker service that joins it, and their scaling.
+
+- The head (one task) runs Ray's GCS and Serve's controller and, like every node, one replica of each
+  model deployment on its GPU. It is registered in Cloud Map as `ray-head.csm.internal`: the workers
+  join it there and the bridge Lambdas reach the Serve ingress there (`SERVE_URL`).
+- Workers (`min_nodes - 1` to `max_nodes - 1` tasks) add GPUs. ECS scales them on the load the head
+  publishes to CloudWatch (`serve_app/cloudwatch_metrics.py`): generator requests in flight per node.
+  A worker that finds no free GPU makes the capacity provider add an instance.
+- One security group for all Ray tasks: Ray's ports between its own members only (Ray runs whatever a
+  client that reaches its GCS sends it, so nothing else may reach it; Ray's token authentication is on
+  as a second lock). The API stack opens Serve's HTTP port 8000 to the bridge Lambdas' group alone.
+- The API's shared token lives here, not in the API stack (csm_infra/tokens.py says why).
+- Both services roll back a failed deployment (circuit breaker). The head allows no second copy during
+  a deployment (two heads would be two clusters; there is one GPU per instance anyway).
+"""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Duration, Stack
+from aws_cdk import aws_applicationautoscaling as appscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_servicediscovery as servicediscovery
+from constructs import Construct
+
+from csm_infra.capacity import GpuCapacity
+from csm_infra.config import Settings
+from csm_infra.nag import acknowledge
+from csm_infra.ray_task import Mounts, RayNodeTask, ray_task_role
+from csm_infra.tokens import ClusterTokens
+from csm_infra.weights_task import WeightsDownloadTask
+
+NAMESPACE = "csm.internal"
+HEAD_NAME = "ray-head"
+SERVE_PORT = 8000
+SERVE_URL = f"http://{HEAD_NAME}.{NAMESPACE}:{SERVE_PORT}"
+METRICS_NAMESPACE = "CSM/Serve"  # serve_app/cloudwatch_metrics.py publishes here
+CLUSTER_NAME = "csm-voice"
+# Worker scaling on OngoingRequestsPerNode (generator requests in flight per Ray node; a node's engine
+# has 16 slots): add a worker past 10, two past 14, remove one below 3.
+SCALE_OUT_AT = 10
+SCALE_OUT_FAST_AT = 14
+SCALE_IN_BELOW = 3
+
+
+def load_metric(name: str, statistic: str = "Average") -> cloudwatch.Metric:
+    """One of the metrics `serve_app/cloudwatch_metrics.py` publishes for this cluster."""
+    return cloudwatch.Metric(
+        namespace=METRICS_NAMESPACE,
+        metric_name=name,
+        dimensions_map={"ClusterName": CLUSTER_NAME},
+        statistic=statistic,
+        period=Duration.minutes(1),
+    )
+
+
+class ClusterStack(Stack):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        vpc: ec2.IVpc,
+        mounts: Mounts,
+        file_system_security_group: ec2.ISecurityGroup,
+        repository: ecr.IRepository,
+        **kwargs,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.cluster = ecs.Cluster(
+            self,
+            "Cluster",
+            cluster_name=CLUSTER_NAME,
+            vpc=vpc,
+            container_insights_v2=ecs.ContainerInsights.ENABLED,
+            default_cloud_map_namespace=ecs.CloudMapNamespaceOptions(
+                name=NAMESPACE, type=servicediscovery.NamespaceType.DNS_PRIVATE, vpc=vpc
+            ),
+        )
+        capacity = GpuCapacity(self, "GpuCapacity", settings=settings, vpc=vpc)
+        self.cluster.add_asg_capacity_provider(capacity.capacity_provider)
+        self.capacity = capacity
+        self._acknowledge_instance_role(capacity)
+
+        self.security_group = self._ray_security_group(vpc)
+        # The EFS security group lives in the storage stack; the rule that admits Ray lives here, so
+        # the storage stack does not depend on this one.
+        efs_group = ec2.SecurityGroup.from_security_group_id(
+            self, "FileSystemSecurityGroup", file_system_security_group.security_group_id, mutable=True
+        )
+        efs_group.add_ingress_rule(self.security_group, ec2.Port.tcp(2049), "NFS from the Ray nodes")
+
+        tokens = ClusterTokens(self, "Tokens")
+        self.api_token = tokens.api_token
+        self.task_role = ray_task_role(self, mounts, METRICS_NAMESPACE)
+        image = ecs.ContainerImage.from_ecr_repository(repository, settings.image_tag)
+        common = {
+            "AWS_REGION": self.region,
+            "MODEL_PATH": settings.model_path,
+            "VOICES_DIR": "/weights/voices",
+            "HISTORY_DIR": "/history",
+            "CSM_DEVICE": "cuda",
+            "HF_HUB_OFFLINE": "1",
+            "RAY_AUTH_MODE": "token",
+        }
+        secrets = {"CSM_TOKEN": tokens.api_token, "RAY_AUTH_TOKEN": tokens.ray_token}
+        head = RayNodeTask(
+            self,
+            "HeadTask",
+            role="head",
+            image=image,
+            task_role=self.task_role,
+            mounts=mounts,
+            environment={
+                **common,
+                "CSM_METRICS_NAMESPACE": METRICS_NAMESPACE,
+                "CSM_CLUSTER_NAME": CLUSTER_NAME,
+            },
+            secrets=secrets,
+        )
+        worker = RayNodeTask(
+            self,
+            "WorkerTask",
+            role="worker",
+            image=image,
+            task_role=self.task_role,
+            mounts=mounts,
+            environment={**common, "CSM_RAY_HEAD": f"{HEAD_NAME}.{NAMESPACE}"},
+            secrets=secrets,
+        )
+        placement = [
+            ecs.CapacityProviderStrategy(
+                capacity_provider=capacity.capacity_provider.capacity_provider_name, weight=1
+            )
+        ]
+        self.head_service = ecs.Ec2Service(
+            self,
+            "HeadService",
+            cluster=self.cluster,
+            task_definition=head.task_definition,
+            service_name="ray-head",
+            desired_count=1,
+            min_healthy_percent=0,
+            max_healthy_percent=100,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            capacity_provider_strategies=placement,
+            security_groups=[self.security_group],
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            cloud_map_options=ecs.CloudMapOptions(
+                name=HEAD_NAME, dns_record_type=servicediscovery.DnsRecordType.A, dns_ttl=Duration.seconds(10)
+            ),
+            enable_ecs_managed_tags=True,
+            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+        )
+        self.worker_service = ecs.Ec2Service(
+            self,
+            "WorkerService",
+            cluster=self.cluster,
+            task_definition=worker.task_definition,
+            service_name="ray-worker",
+            desired_count=settings.min_nodes - 1,
+            min_healthy_percent=50,
+            max_healthy_percent=200,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            capacity_provider_strategies=placement,
+            security_groups=[self.security_group],
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            enable_ecs_managed_tags=True,
+            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+        )
+        self.worker_service.node.add_dependency(self.head_service)
+        if settings.max_nodes > 1:
+            self._scale_workers(settings)
+
+        self.weights_task = WeightsDownloadTask(
+            self,
+            "WeightsDownload",
+            image=image,
+            mounts=mounts,
+            hf_repo=settings.hf_repo,
+            model_path=settings.model_path,
+        )
+        CfnOutput(self, "ClusterName", value=self.cluster.cluster_name)
+        CfnOutput(self, "ApiTokenSecretArn", value=self.api_token.secret_arn, description="the shared token")
+        CfnOutput(self, "CapacityProviderName", value=capacity.capacity_provider.capacity_provider_name)
+        CfnOutput(self, "WeightsTaskDefinition", value=self.weights_task.task_definition.family)
+        CfnOutput(self, "HfTokenSecretArn", value=self.weights_task.hf_token.secret_arn)
+        CfnOutput(self, "RaySecurityGroupId", value=self.security_group.security_group_id)
+
+    def _ray_security_group(self, vpc: ec2.IVpc) -> ec2.SecurityGroup:
+        """Ray's ports among the Ray tasks only. The API stack adds the one other way in: Serve's HTTP
+        port from the bridge Lambdas' security group."""
+        group = ec2.SecurityGroup(
+            self,
+            "RaySecurityGroup",
+            vpc=vpc,
+            description="Ray nodes: Ray ports among themselves; Serve HTTP port from the bridge only",
+            allow_all_outbound=True,
+        )
+        group.add_ingress_rule(group, ec2.Port.all_tcp(), "Ray: GCS, raylets, object transfer, workers")
+        return group
+
+    def _scale_workers(self, settings: Settings) -> None:
+        scaling = self.worker_service.auto_scale_task_count(
+            min_capacity=settings.min_nodes - 1, max_capacity=settings.max_nodes - 1
+        )
+        scaling.scale_on_metric(
+            "ScaleOnLoad",
+            metric=load_metric("OngoingRequestsPerNode"),
+            scaling_steps=[
+                appscaling.ScalingInterval(upper=SCALE_IN_BELOW, change=-1),
+                appscaling.ScalingInterval(lower=SCALE_OUT_AT, change=+1),
+                appscaling.ScalingInterval(lower=SCALE_OUT_FAST_AT, change=+2),
+            ],
+            adjustment_type=appscaling.AdjustmentType.CHANGE_IN_CAPACITY,
+            evaluation_periods=3,
+            datapoints_to_alarm=2,
+            # A new worker needs minutes (instance, image, weights): do not add another meanwhile.
+            cooldown=Duration.minutes(10),
+        )
+
+    def _acknowledge_instance_role(self, capacity: GpuCapacity) -> None:
+        reason = (
+            "The statements CDK adds for the ECS agent (register the instance, poll for tasks, submit "
+            "state changes, get an ECR login token): the ECS agent's documented permissions, whose "
+            "actions take no resource or span the agent's own submissions."
+        )
+        for finding in ("Resource::*", "Action::ecs:Submit*"):
+            acknowledge(capacity.role, f"AwsSolutions-IAM5[{finding}]", reason)
