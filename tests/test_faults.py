@@ -28,7 +28,7 @@ from tests.standins import FakeLLM, http_server
 APP = "faults"
 REPLY = "Fine, thanks. And you?"
 # Long enough that a replica killed after the first audio is always killed mid-reply, even on a slow run.
-LONG_REPLY = " ".join(f"This is sentence number {i} of a long story about the sea." for i in range(12))
+LONG_REPLY = " ".join(f"This is sentence number {i} of a long story about the sea." for i in range(8))
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,10 @@ async def test_a_model_replica_dying_mid_reply(faults, deployment):
     if status == "failed":  # the reply ends with an error naming what happened...
         (error,) = of_type(events, "error")
         assert error["error"]["code"] == "response_failed"
-    else:  # ...or the audio path recovered it (the decoder rebuilds its state from the last frames)
-        assert status == "completed" and deployment == "AudioDecoder"
+    else:  # ...or the audio path recovered it (the decoder rebuilds its state from the last frames) and
+        # it ran to its end, or to the reply-length limit ("incomplete")
+        assert status in ("completed", "incomplete") and deployment == "AudioDecoder", status
+        assert not of_type(events, "error")
     await replaced(deployment, victim)
     await reply_completes(talker, "are you back")
     await reply_completes(other, "and me")
