@@ -53,6 +53,7 @@ IDLE_TIMEOUT_S = 10 * 60
 MAX_CONNECTION_S = 2 * 60 * 60
 API_ID = "local"
 Handler = Callable[[dict, object], dict]
+UNAUTHORIZED: dict = {}  # what `_invoke` returns when a handler raised "Unauthorized" (compared by identity)
 
 
 @dataclass
@@ -238,8 +239,8 @@ class LocalGateway:
             return None
         except Exception as e:
             log.error("%s raised %s: %s", name, type(e).__name__, e)
-            if str(e) == "Unauthorized":
-                return {"__unauthorized__": True}
+            if str(e) == "Unauthorized":  # an authorizer's way of asking API Gateway for a 401
+                return UNAUTHORIZED
             return None
 
     # ---- the browser's socket ---------------------------------------------------------------------
@@ -270,8 +271,10 @@ class LocalGateway:
                 "requestContext": self._context(connection_id, "$connect", "CONNECT", identity=identity),
             }
             result = await self._invoke("authorizer", self.routes.authorizer, event)
-            if not result or result.get("__unauthorized__"):
-                return _refuse(HTTPStatus.UNAUTHORIZED if result else HTTPStatus.INTERNAL_SERVER_ERROR)
+            if result is UNAUTHORIZED or not result:
+                return _refuse(
+                    HTTPStatus.UNAUTHORIZED if result is UNAUTHORIZED else HTTPStatus.INTERNAL_SERVER_ERROR
+                )
             statement = result["policyDocument"]["Statement"][0]
             if statement["Effect"] != "Allow":
                 return _refuse(HTTPStatus.FORBIDDEN)

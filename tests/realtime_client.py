@@ -44,6 +44,17 @@ class Client:
         ws = await websockets.connect(f"{url}?{q}" if q else url, max_size=2**22)
         return cls(ws)
 
+    @classmethod
+    async def open(cls, url: str, **query: str) -> tuple[Client, dict]:
+        """Connect and read the conversation's opening events: `session.created`, then `x-server.info`
+        (returned: the voices, the random-weights flag, the conversation id, the replica)."""
+        client = await cls.connect(url, **query)
+        created = await client.recv()
+        assert created["type"] == "session.created", created
+        info = await client.recv()
+        assert info["type"] == "x-server.info", info
+        return client, info
+
     async def send(self, type: str, **fields) -> None:
         await self.ws.send(json.dumps({"type": type, **fields}))
 

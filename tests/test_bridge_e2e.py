@@ -25,10 +25,8 @@ async def gateway(serve_app):
 
 
 async def connect(gateway: LocalGateway, **query) -> Client:
-    client = await Client.connect(gateway.url, token=APP_TOKEN, **query)
-    assert (await client.recv())["type"] == "session.created"
-    info = await client.recv()
-    assert info["type"] == "x-server.info" and info["random_weights"] is True
+    client, info = await Client.open(gateway.url, token=APP_TOKEN, **query)
+    assert info["random_weights"] is True
     return client
 
 

@@ -62,11 +62,7 @@ def faults(serve_app, tmp_path_factory):
 
 
 async def connect(faults, **query) -> tuple[Client, dict]:
-    client = await Client.connect(faults["ws"], token=APP_TOKEN, **query)
-    assert (await client.recv())["type"] == "session.created"
-    info = await client.recv()
-    assert info["type"] == "x-server.info"
-    return client, info
+    return await Client.open(faults["ws"], token=APP_TOKEN, **query)
 
 
 def replicas(deployment: str) -> list[str]:

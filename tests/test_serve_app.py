@@ -27,11 +27,8 @@ def app(serve_app):
 
 
 async def connect(app, **query) -> Client:
-    client = await Client.connect(app["ws"], token=APP_TOKEN, **query)
-    created = await client.recv()
-    assert created["type"] == "session.created"
-    info = await client.recv()  # what the page shows before the first turn
-    assert info["type"] == "x-server.info" and info["random_weights"] is True
+    client, info = await Client.open(app["ws"], token=APP_TOKEN, **query)
+    assert info["random_weights"] is True  # what the page shows before the first turn
     assert info["voices"] == ["none", "narrator"] and info["max_reply_seconds"] == 6.0
     assert info["conversation_id"] == query.get("conversation_id", info["conversation_id"])
     return client
