@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote
 
 import httpx
@@ -17,6 +15,7 @@ from ray import serve
 
 from tests.conftest import APP_TOKEN, MAX_CONVERSATIONS
 from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
+from tests.standins import http_server
 
 FRAME = 1920
 
@@ -285,29 +284,17 @@ async def test_encoder_asks_for_the_turn_again_when_it_lost_the_stream(app):
 async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
     """The Lambda path: events are posted for a connection id, replies go out through boto3's
     `apigatewaymanagementapi` client to the callback URL (here a local stand-in for API Gateway)."""
-    received: list[tuple[str, dict]] = []
 
-    class Connections(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((unquote(self.path), json.loads(body)))
-            self.send_response(200)
-            self.end_headers()
+    def connections(method: str, path: str, headers: dict, body: bytes):
+        return (200 if method == "POST" else 204), {}, b""
 
-        def do_DELETE(self):
-            received.append((unquote(self.path), {}))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Connections)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    callback = f"http://127.0.0.1:{server.server_address[1]}"
     connection = "conn/abc+123="  # API Gateway's ids are base64: '/', '+' and '=' must survive the path
     headers = {"serve_multiplexed_model_id": connection}
-    try:
+    with http_server(connections) as (callback, seen):
+
+        def received() -> list[tuple[str, dict]]:
+            return [(unquote(path), json.loads(body or b"{}")) for _, path, body in seen]
+
         async with httpx.AsyncClient(base_url=app["url"], timeout=30, headers=headers) as http:
             path = f"/bridge/connections/{quote(connection, safe='')}"
             bad = await http.post(path, json={"callback_url": callback, "token": "wrong"})
@@ -326,14 +313,12 @@ async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
             for event in ({"type": "conversation.item.create", "item": item}, {"type": "response.create"}):
                 assert (await http.post(path + "/events", content=json.dumps(event))).status_code == 200
             for _ in range(300):
-                if any(body.get("type") == "response.done" for _, body in received):
+                if any(body.get("type") == "response.done" for _, body in received()):
                     break
                 await asyncio.sleep(0.1)
             assert (await http.delete(path)).status_code == 200
             assert (await http.post(path + "/events", content="{}")).status_code == 404
-    finally:
-        server.shutdown()
-    events = [body for where, body in received if where == f"/@connections/{connection}"]
+        events = [body for where, body in received() if where == f"/@connections/{connection}"]
     types = [e.get("type") for e in events]
     assert types[0] == "session.created" and "response.done" in types
     assert audio_samples(events) > 0
