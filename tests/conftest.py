@@ -12,6 +12,16 @@ hf_logging.set_verbosity_error()
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of small ops: on 2 OpenMP threads they spend most of their time waking the second one
+    (~10 ms per op when the machine is shared). Restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_args():
     return preset("tiny")

@@ -23,15 +23,7 @@ from csm.codec import (
 )
 from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder, StreamingEncoder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small ops on 2 OpenMP threads spend most of their time waking the second one (~10 ms per op when
-    # the machine is shared); one thread keeps this file fast. Restored for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ MS = SAMPLE_RATE // 1000  # samples per millisecond at 24 kHz
 VOICE_LEVEL = 0.02  # |sample| above this is the voice, not espeak's leading/trailing silence
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
