@@ -10,7 +10,7 @@ A frame step is one backbone step for the whole batch, then 31 dependent depth-d
 slots `[0, b)`; inactive rows write their keys into a scratch column no mask exposes and leave every
 other buffer unchanged, so an inactive slot behaves as if its step never happened. On CUDA the frame
 step is captured as CUDA graphs keyed by (batch bucket, KV-length bucket), all captured up front in
-`setup()`; on CPU it runs eagerly with exact sizes.
+`setup()`; on CPU it runs eagerly with exact sizes, its weights prepacked for oneDNN (`CSM.pack_cpu`).
 
 Thread safety: `add` and `cancel` may be called from any thread; `step` from one thread only.
 """
@@ -166,6 +166,8 @@ class Engine:
         if self._state is not None:
             return self
         s, m, dev = self.config.max_slots, self.model, self.device
+        if dev.type == "cpu":
+            m.pack_cpu()
         k, v = m.backbone.new_cache(s, self.max_seq_len + 1, dev, self.dtype)
         dk, dv = m.decoder.new_cache(s, self.args.num_codebooks + 1, dev, self.dtype)
         self._state = _SlotState(
@@ -363,7 +365,7 @@ class Engine:
             attn_mask = (torch.arange(kv_len, device=dev) <= positions[:, :, None])[:, None]
             slots = torch.tensor([s.slot for s, _ in work], device=dev)
             x = m.embed_rows(tokens, mask).to(self.dtype)
-            m.backbone(
+            m.backbone.fill_cache(
                 x,
                 m.backbone.rope_at(positions.clamp(max=self.max_seq_len - 1), self.dtype),
                 st.k,

@@ -19,19 +19,65 @@ from torch import Tensor, nn
 from csm.presets import ModelArgs, TransformerArgs
 
 
-class Linear(nn.Linear):
-    """nn.Linear with a faster CPU path for the frame step's few rows.
+def _onednn_ready(weight: Tensor) -> bool:
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32  # oneDNN's fp16 path needs CPU features few servers have
 
-    With 2-32 fp32 rows and out >= in features, the CPU BLAS runs `x @ W.T` 2-3x slower than
-    `(W @ x.T).T` (measured on the frame step's shapes; with out < in it is the other way round), and
-    the batched frame step on CPU is mostly such products.
+
+class PackedWeights:
+    """CPU copies of weights in oneDNN's prepacked (blocked) layout, bound to the parameter they came from.
+
+    The dense CPU matmul works from the weight as stored and re-lays it out call after call; a weight
+    packed once skips that. On the `small` preset on a 2-core EPYC the frame step at 4-16 streams runs
+    ~30% faster (about even at one), and a prefill chunk ~25% faster, in fp32 and bf16 alike. The copy
+    costs the weight's memory again. It is used only while the parameter is the same tensor, unmodified
+    (same storage, same in-place version): a weight replaced or edited after packing is read densely,
+    never computed with from a stale copy.
     """
 
+    def __init__(self, source: Tensor, weights: list[Tensor]) -> None:
+        self.source = source
+        self.ptr = source.data_ptr()
+        self.version = None if source.is_inference() else source._version
+        self.weights = weights
+
+    @classmethod
+    def of(cls, source: Tensor, weights: list[Tensor]) -> PackedWeights | None:
+        """Pack `weights` (each [out, in], derived from `source`); None where oneDNN cannot run them."""
+        try:
+            if not _onednn_ready(source):
+                return None
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous()) for w in weights]
+        except (AttributeError, RuntimeError):  # a torch build or CPU without these ops: dense is correct
+            return None
+        return cls(source, packed)
+
+    def matches(self, source: Tensor) -> bool:
+        return (
+            source is self.source
+            and source.data_ptr() == self.ptr
+            and (self.version is None or source._version == self.version)
+        )
+
+    def linear(self, x: Tensor, i: int = 0) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weights[i], None, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs from a prepacked weight on CPU once `pack_cpu` is called (see PackedWeights)."""
+
+    packed: PackedWeights | None = None
+
+    def pack_cpu(self) -> None:
+        if self.packed is None or not self.packed.matches(self.weight):
+            self.packed = PackedWeights.of(self.weight, [self.weight])
+
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        n, k = self.weight.shape
-        if x.device.type == "cpu" and x.dtype == torch.float32 and 1 < rows <= 32 and n >= k:
-            return (self.weight @ x.reshape(rows, k).T).T.reshape(*x.shape[:-1], n)
+        if self.packed is not None and self.packed.matches(self.weight) and x.device.type == "cpu":
+            return self.packed.linear(x)
         return super().forward(x)
 
 
@@ -147,16 +193,24 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(
+    def write_cache(
         self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Project x and write its keys and values; return (rotated queries, keys to attend, values)."""
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, : h + hkv], *rope)  # q and k rotated together
         keys = view.update(k_cache, qk[:, h:])
         values = view.update(v_cache, qkv[:, h + hkv :])
-        out = _attention(qk[:, :h], keys, values, view.mask, causal=view.mask is None and t > 1)
+        return qk[:, :h], keys, values
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q, keys, values = self.write_cache(x, rope, k_cache, v_cache, view)
+        out = _attention(q, keys, values, view.mask, causal=view.mask is None and t > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -212,6 +266,16 @@ class Transformer(nn.Module):
             x = layer(x, rope, k_cache[i], v_cache[i], view)
         return self.norm(x)
 
+    def fill_cache(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
+    ) -> None:
+        """`forward` for rows whose outputs nobody reads (a prefill): only the caches are written, so the
+        last layer stops at its keys and values (its attention, MLP and the final norm are skipped)."""
+        *body, last = self.layers
+        for i, layer in enumerate(body):
+            x = layer(x, rope, k_cache[i], v_cache[i], view)
+        last.attn.write_cache(last.attn_norm(x), rope, k_cache[-1], v_cache[-1], view)
+
     def new_cache(self, n_rows: int, n_positions: int, device, dtype) -> tuple[Tensor, Tensor]:
         a = self.args
         shape = (a.n_layers, n_rows, a.n_kv_heads, n_positions, a.head_dim)
@@ -231,6 +295,7 @@ class CSM(nn.Module):
         self.projection = Linear(bdim, ddim, bias=False)
         self.codebook0_head = Linear(bdim, v, bias=False)
         self.audio_head = nn.Parameter(torch.empty(args.num_codebooks - 1, ddim, v))
+        self.packed_head: PackedWeights | None = None
         self.register_buffer("codebook_offsets", torch.empty(0, dtype=torch.long), persistent=False)
         self.init_buffers()
 
@@ -245,9 +310,15 @@ class CSM(nn.Module):
     def embed_rows(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Prompt rows -> backbone inputs. tokens, mask: [..., 33] (32 audio columns + text)."""
         text = self.text_embeddings(tokens[..., -1]) * mask[..., -1:]
-        audio = self.audio_embeddings(tokens[..., :-1] + self.codebook_offsets)
-        audio = (audio * mask[..., :-1, None]).sum(-2)
-        return text + audio
+        # One weighted bag per row: no [rows, 32, dim] intermediate (30x faster for a prefill chunk on CPU).
+        n = self.args.num_codebooks
+        audio = F.embedding_bag(
+            (tokens[..., :-1] + self.codebook_offsets).reshape(-1, n),
+            self.audio_embeddings.weight,
+            mode="sum",
+            per_sample_weights=mask[..., :-1].reshape(-1, n).to(self.audio_embeddings.weight.dtype),
+        )
+        return text + audio.view(*tokens.shape[:-1], -1)
 
     def embed_frame(self, codes: Tensor) -> Tensor:
         # codes: [B, 32] -> [B, dim]: an audio row is the sum of its codebook embeddings
@@ -258,7 +329,21 @@ class CSM(nn.Module):
 
     def codebook_logits(self, codebook: int, h: Tensor) -> Tensor:
         # h: [B, decoder dim] -> [B, V]
+        head = self.packed_head
+        if head is not None and head.matches(self.audio_head) and h.device.type == "cpu":
+            return head.linear(h, codebook - 1)
         return h @ self.audio_head[codebook - 1]
+
+    def pack_cpu(self) -> CSM:
+        """Prepack every projection and head for CPU inference (see PackedWeights). Weights packed already
+        and unchanged are kept; elsewhere than on CPU this does nothing."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_cpu()
+        if self.packed_head is None or not self.packed_head.matches(self.audio_head):
+            head = self.audio_head.detach()
+            self.packed_head = PackedWeights.of(self.audio_head, [head[i].T for i in range(head.shape[0])])
+        return self
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> CSM:
         """Random weights in place (for the `tiny` preset and benchmarks); deterministic given `seed`."""

@@ -60,13 +60,21 @@ def hf_greedy(hf, prompt, max_frames):
     return out[0].numpy()
 
 
+@pytest.fixture(params=["dense", "packed"])
+def tiny_variant(request, hf_tiny_dir):
+    """A fresh copy of our tiny model, on dense weights or on the CPU-prepacked ones the engine uses."""
+    model = load_model(hf_tiny_dir).model
+    return model.pack_cpu() if request.param == "packed" else model
+
+
 def test_the_oracle_uses_llama3_rope(hf_tiny):
     assert hf_tiny.config.rope_parameters["rope_type"] == "llama3"
     assert hf_tiny.config.depth_decoder_config.rope_parameters["rope_type"] == "llama3"
 
 
 @torch.no_grad()
-def test_backbone_logits_match_transformers(hf_tiny, tiny_model, tiny_args):
+def test_backbone_logits_match_transformers(hf_tiny, tiny_variant, tiny_args):
+    tiny_model = tiny_variant
     prompt = make_prompt(tiny_args, 6, "what a day", seed=1, max_frames=4)
     emb = hf_prompt_embeds(hf_tiny, prompt.tokens, prompt.mask)
     ref = hf_tiny.lm_head(hf_tiny.backbone_model(inputs_embeds=emb).last_hidden_state)
@@ -83,7 +91,8 @@ def test_backbone_logits_match_transformers(hf_tiny, tiny_model, tiny_args):
 
 
 @torch.no_grad()
-def test_depth_decoder_logits_match_transformers(hf_tiny, tiny_model, tiny_args):
+def test_depth_decoder_logits_match_transformers(hf_tiny, tiny_variant, tiny_args):
+    tiny_model = tiny_variant
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 2048, (3, 32), generator=g)
     h = torch.randn(3, tiny_args.backbone.dim, generator=g)
