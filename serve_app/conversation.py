@@ -87,6 +87,16 @@ class _Reply:
         self.cancel_reason: str = "client_cancelled"
         self.audio_samples = 0
 
+    def stop(self, reason: str | None = None) -> None:
+        """Cancel the reply's task, once. A second cancel would land in the task's cleanup (closing its
+        decoder stream, remembering the heard turn, sending `response.done`) and cut that short: a
+        barge-in followed by the page's truncate lost the turn, so the truncate found no item."""
+        if self.task is None or self.task.done() or self.task.cancelling():
+            return
+        if reason is not None:
+            self.cancel_reason = reason
+        self.task.cancel()
+
 
 class Conversation:
     def __init__(
@@ -130,7 +140,7 @@ class Conversation:
     async def close(self) -> None:
         """The connection is gone: stop the reply (its heard part is kept), drop the unfinished turn."""
         if self.reply is not None and self.reply.task is not None:
-            self.reply.task.cancel()
+            self.reply.stop()
             await asyncio.gather(self.reply.task, return_exceptions=True)
         if self.turn is not None:
             await self.turn.stream.cancel()
@@ -248,9 +258,8 @@ class Conversation:
         self._push_turn_audio(self._prefix[-since:] if since > 0 else self._prefix[:0])
         self._prefix = self._prefix[:0]
         self.send(p.InputAudioBufferSpeechStarted(audio_start_ms=start_ms, item_id=self.turn.item_id))
-        if vad.interrupt_response and self.reply is not None and self.reply.task is not None:
-            self.reply.cancel_reason = "turn_detected"
-            self.reply.task.cancel()
+        if vad.interrupt_response and self.reply is not None:
+            self.reply.stop("turn_detected")
 
     def _push_turn_audio(self, pcm: np.ndarray) -> None:
         assert self.turn is not None
@@ -340,7 +349,7 @@ class Conversation:
 
     async def _truncate(self, event: p.ConversationItemTruncate) -> None:
         if self.reply is not None and self.reply.item_id == event.item_id and self.reply.task is not None:
-            self.reply.task.cancel()  # truncating the reply being spoken ends it first
+            self.reply.stop()  # truncating the reply being spoken ends it first
             await asyncio.gather(self.reply.task, return_exceptions=True)
         turn = next((t for t in self.history if t.item_id == event.item_id), None)
         if turn is None:
@@ -386,8 +395,7 @@ class Conversation:
             raise p.ProtocolError(
                 "no_active_response", f"response {response_id!r} is not in progress", "response_id"
             )
-        reply.cancel_reason = "client_cancelled"
-        reply.task.cancel()
+        reply.stop("client_cancelled")
 
     async def _respond(self, reply: _Reply, params: p.ResponseParams | None) -> None:
         response, item_id = reply.response, reply.item_id
