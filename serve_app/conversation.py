@@ -132,6 +132,7 @@ class Conversation:
         self._last_turn_task: asyncio.Task | None = None
         self.reply: _Reply | None = None
         self._turn_ended_at: float | None = None
+        self._quiet_since = time.monotonic()  # when the conversation last stopped being busy
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,6 +153,19 @@ class Conversation:
     def busy(self) -> bool:
         """A turn is being transcribed or a reply spoken: a quiet client is listening, not idle."""
         return self.reply is not None or bool(self._finishing)
+
+    def quiet_for(self) -> float:
+        """Seconds since the conversation was last busy; 0 while it is. The person may be silent this
+        long and still be listening to, or thinking about, the end of the last reply."""
+        return 0.0 if self.busy else time.monotonic() - self._quiet_since
+
+    def _note_quiet(self) -> None:
+        if not self.busy:
+            self._quiet_since = time.monotonic()
+
+    def _turn_finished(self, task: asyncio.Task) -> None:
+        self._finishing.discard(task)
+        self._note_quiet()
 
     # ---- client events ----------------------------------------------------------------------------
     async def handle(self, event: p.ClientEvent) -> None:
@@ -288,7 +302,7 @@ class Conversation:
         self._turn_ended_at = time.perf_counter()
         task = asyncio.get_running_loop().create_task(self._finish_turn(turn, previous))
         self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        task.add_done_callback(self._turn_finished)
         self._last_turn_task = task
         if auto_response:
             self._create_response(None)
@@ -495,6 +509,7 @@ class Conversation:
         self.send(p.ResponseDone(response=final))
         if self.reply is reply:
             self.reply = None
+        self._note_quiet()
 
     def _failed(self, code: p.ErrorCode, message: str) -> p.ResponseStatusDetails:
         self.report(p.ProtocolError(code, message))

@@ -286,17 +286,24 @@ class ConversationIngress:
             self.active[id(session)] = session
             self._count_conversations()
             emit = asyncio.create_task(self._emit(ws, session.outbox))
+            idle_s = self.cfg.idle_timeout_s
             try:
+                wait = idle_s
                 while True:
                     try:
-                        message = await asyncio.wait_for(ws.receive(), timeout=self.cfg.idle_timeout_s)
+                        message = await asyncio.wait_for(ws.receive(), timeout=wait)
                     except TimeoutError:
-                        if session.conversation.busy:
+                        # Idle: no message for idle_s, and nothing transcribed or spoken for idle_s either
+                        # (the clock restarts when a reply ends, not at the person's last message).
+                        quiet = session.conversation.quiet_for()
+                        if quiet < idle_s:
+                            wait = idle_s - quiet
                             continue
                         session.conversation.send(
                             p.error_event("limit_exceeded", "idle for too long; closing")
                         )
                         break
+                    wait = idle_s
                     if message["type"] == "websocket.disconnect":
                         break
                     raw = message.get("text") if message.get("text") is not None else message.get("bytes")

@@ -86,6 +86,17 @@ async def test_an_idle_conversation_is_closed(limits):
     assert IDLE_S - 0.5 < time.monotonic() - started < IDLE_S + 5
 
 
+async def test_idle_time_counts_from_the_end_of_the_last_reply(limits):
+    # Not from the person's last message: they were listening to the reply since.
+    client = await opened(limits["ws"])
+    await client.say_text("are you there")
+    await client.until("response.done", timeout=60)
+    done = time.monotonic()
+    error = await client.recv(timeout=IDLE_S + 10)
+    assert error["type"] == "error" and "idle" in error["error"]["message"]
+    assert IDLE_S - 0.5 < time.monotonic() - done < IDLE_S + 2
+
+
 async def test_a_turn_is_cut_at_its_audio_limit_and_the_conversation_goes_on(limits, tmp_path):
     client = await opened(limits["ws"])
     sentence = "the quick brown fox jumps over the lazy dog and keeps on running across the wide fields"
