@@ -45,8 +45,13 @@ class PackedWeights:
         self.weights = weights
 
     @classmethod
-    def of(cls, source: Tensor, weights: list[Tensor]) -> PackedWeights | None:
-        """Pack `weights` (each [out, in], derived from `source`); None where oneDNN cannot run them."""
+    def of(
+        cls, source: Tensor, weights: list[Tensor], current: PackedWeights | None = None
+    ) -> PackedWeights | None:
+        """Pack `weights` (each [out, in], derived from `source`); None where oneDNN cannot run them.
+        `current` is kept when it was packed from `source` as it is now (packing again is a no-op)."""
+        if current is not None and current.matches(source):
+            return current
         try:
             if not _onednn_ready(source):
                 return None
@@ -72,11 +77,11 @@ class Linear(nn.Linear):
     packed: PackedWeights | None = None
 
     def pack_cpu(self) -> None:
-        if self.packed is None or not self.packed.matches(self.weight):
-            self.packed = PackedWeights.of(self.weight, [self.weight])
+        self.packed = PackedWeights.of(self.weight, [self.weight], self.packed)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None and self.packed.matches(self.weight) and x.device.type == "cpu":
+        # Only a CPU weight is ever packed, and a weight moved since no longer matches.
+        if self.packed is not None and self.packed.matches(self.weight):
             return self.packed.linear(x)
         return super().forward(x)
 
@@ -330,7 +335,7 @@ class CSM(nn.Module):
     def codebook_logits(self, codebook: int, h: Tensor) -> Tensor:
         # h: [B, decoder dim] -> [B, V]
         head = self.packed_head
-        if head is not None and head.matches(self.audio_head) and h.device.type == "cpu":
+        if head is not None and head.matches(self.audio_head):
             return head.linear(h, codebook - 1)
         return h @ self.audio_head[codebook - 1]
 
@@ -340,9 +345,10 @@ class CSM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_cpu()
-        if self.packed_head is None or not self.packed_head.matches(self.audio_head):
-            head = self.audio_head.detach()
-            self.packed_head = PackedWeights.of(self.audio_head, [head[i].T for i in range(head.shape[0])])
+        head = self.audio_head.detach()
+        self.packed_head = PackedWeights.of(
+            self.audio_head, [head[i].T for i in range(head.shape[0])], self.packed_head
+        )
         return self
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> CSM:
