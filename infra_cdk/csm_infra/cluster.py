@@ -131,45 +131,42 @@ class ClusterStack(Stack):
             environment={**common, "CSM_RAY_HEAD": f"{HEAD_NAME}.{NAMESPACE}"},
             secrets=secrets,
         )
-        placement = [
-            ecs.CapacityProviderStrategy(
-                capacity_provider=capacity.capacity_provider.capacity_provider_name, weight=1
-            )
-        ]
+        # What the head and worker services share: placement, network, deployment safety, tagging.
+        shared = dict(
+            cluster=self.cluster,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            capacity_provider_strategies=[
+                ecs.CapacityProviderStrategy(
+                    capacity_provider=capacity.capacity_provider.capacity_provider_name, weight=1
+                )
+            ],
+            security_groups=[self.security_group],
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            enable_ecs_managed_tags=True,
+            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+        )
         self.head_service = ecs.Ec2Service(
             self,
             "HeadService",
-            cluster=self.cluster,
             task_definition=head.task_definition,
             service_name="ray-head",
             desired_count=1,
             min_healthy_percent=0,
             max_healthy_percent=100,
-            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
-            capacity_provider_strategies=placement,
-            security_groups=[self.security_group],
-            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
             cloud_map_options=ecs.CloudMapOptions(
                 name=HEAD_NAME, dns_record_type=servicediscovery.DnsRecordType.A, dns_ttl=Duration.seconds(10)
             ),
-            enable_ecs_managed_tags=True,
-            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+            **shared,
         )
         self.worker_service = ecs.Ec2Service(
             self,
             "WorkerService",
-            cluster=self.cluster,
             task_definition=worker.task_definition,
             service_name="ray-worker",
             desired_count=settings.min_nodes - 1,
             min_healthy_percent=50,
             max_healthy_percent=200,
-            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
-            capacity_provider_strategies=placement,
-            security_groups=[self.security_group],
-            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
-            enable_ecs_managed_tags=True,
-            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+            **shared,
         )
         self.worker_service.node.add_dependency(self.head_service)
         if settings.max_nodes > 1:
