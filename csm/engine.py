@@ -12,7 +12,22 @@ other buffer unchanged, so an inactive slot behaves as if its step never happene
 step is captured as CUDA graphs keyed by (batch bucket, KV-length bucket), all captured up front in
 `setup()`; on CPU it runs eagerly with exact sizes, its weights prepacked for oneDNN (`CSM.pack_cpu`).
 
-Thread safety: `add` and `cancel` may be called from any thread; `step` from one thread only.
+Nothing is prefilled twice. A sequence that ends (EOS, max frames, cancel) and names a `cache_key` (its
+conversation) leaves its slot *parked*: the KV stays, with the exact rows it holds (prompt rows, then the
+frames fed back). The key's next request reuses the longest common prefix of rows and prefills only the
+rest, so a conversation's reply costs its new rows, not its whole history. Parked slots are evicted least
+recently used when a slot is needed (to a host-memory tier when it has a budget, whence they are copied
+back instead of re-prefilled); a request is refused only when every slot runs a sequence. A request may
+also name a shared prefix (a voice's reference segment): the first request that prefills it leaves a copy
+of those rows' KV, and later ones, from any conversation, copy it instead of prefilling it. Matches are
+exact (token and mask equality), so reuse never changes what a prompt means.
+
+Active sequences always sit in slots `[0, n_active)`: a frame step computes every slot below the highest
+active one, so an activating sequence moves down into the lowest non-active slot, and a finishing one is
+swapped with the highest active one (device copies between frames, never inside a captured graph).
+
+Thread safety: `add` and `cancel` may be called from any thread (they only queue host tensors); `step`
+from one thread only, which does every device copy.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +45,7 @@ import torch
 from torch import Tensor
 
 from csm.model import CSM, CacheView
+from csm.presets import ModelArgs
 from csm.sampling import Mode, sample, sampling_inputs
 
 log = logging.getLogger(__name__)
@@ -38,7 +54,7 @@ _RECENT = 4096  # frame steps kept in `Engine.stats` for metrics
 
 
 class EngineFull(RuntimeError):
-    """Every slot is taken; the caller should refuse the request (server busy)."""
+    """Every slot runs a sequence; the caller should refuse the request (server busy)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,27 @@ class EngineConfig:
     # tests can check that the padded shapes give the same codes as the exact ones.
     static_shapes: bool = False
     kv_bucket: int = 256
+    prefix_cache: bool = True  # park finished sequences' KV for their key's next request; share prefixes
+    host_cache_bytes: int = 0  # host-memory tier for evicted parked KV (pinned on CUDA); 0: none
+    max_shared_prefixes: int = 8  # voice prefixes kept on the device, least recently used dropped
+
+
+def kv_bytes_per_row(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Backbone keys and values of one prompt row, every layer (32 KiB at csm-1b in bf16)."""
+    b = args.backbone
+    return 2 * b.n_layers * b.n_kv_heads * b.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def slot_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Device memory one slot takes: its full backbone KV row (+ scratch column) and depth-decoder KV."""
+    d = args.decoder
+    decoder = 2 * d.n_layers * d.n_kv_heads * d.head_dim * (args.num_codebooks + 1)
+    return kv_bytes_per_row(args, dtype) * (args.max_seq_len + 1) + decoder * dtype.itemsize
+
+
+def slots_for_memory(budget_bytes: int, per_slot: int, limit: int = 512) -> int:
+    """How many slots fit in `budget_bytes` (at least 1, at most `limit`)."""
+    return max(1, min(limit, budget_bytes // max(per_slot, 1)))
 
 
 @dataclass
@@ -76,24 +113,76 @@ class FrameEvent:
     codes: np.ndarray | None  # [num_codebooks] int64, None when the event only ends the sequence
     done: bool = False
     reason: str | None = None  # "eos" | "max_frames" | "cancelled"
+    reused: int | None = None  # prompt rows taken from a cache instead of prefilled (first event only)
 
 
 @dataclass(eq=False)
 class _Sequence:
     request_id: str
-    slot: int
-    tokens: Tensor  # [T, 33]
-    mask: Tensor
+    tokens: Tensor  # [T, 33] long, host
+    mask: Tensor  # [T, 33] bool, host
     max_frames: int
     sampling: SamplingParams
+    cache_key: str | None = None
+    prefix_key: str | None = None
+    prefix_rows: int = 0
+    slot: int = -1  # -1 until the engine thread places it
     prefilled: int = 0  # prompt rows already in the cache
-    frames: int = 0
+    reused: int = 0  # of those, rows copied from a cache
+    steps: int = 0  # frame steps taken (frames made, EOS included)
+    frames: list[np.ndarray] = field(default_factory=list)  # non-EOS frames made
     active: bool = False
+    reported: bool = False  # `reused` went out with an event
 
     @property
     def to_prefill(self) -> int:
         # The last prompt row is fed by the first frame step.
         return self.tokens.shape[0] - 1 - self.prefilled
+
+    def held_rows(self) -> int:
+        """Rows whose KV the slot holds: the prompt (less its last row until the first frame step), then
+        every frame fed back (a step feeds the previous step's frame; the newest is never fed)."""
+        return self.tokens.shape[0] - 1 + self.steps if self.active else self.prefilled
+
+    def held(self) -> tuple[Tensor, Tensor]:
+        """The rows the slot holds, as prompt rows (a fed frame is an audio row: 32 codes, no text)."""
+        n, t = self.held_rows(), self.tokens.shape[0]
+        if n <= t:
+            return self.tokens[:n], self.mask[:n]
+        fed = torch.from_numpy(np.stack(self.frames[: n - t]))
+        tokens = torch.zeros(n - t, self.tokens.shape[1], dtype=torch.long)
+        tokens[:, :-1] = fed
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[:, -1] = False
+        return torch.cat([self.tokens, tokens]), torch.cat([self.mask, mask])
+
+
+@dataclass(eq=False)
+class _Cached:
+    """Rows whose KV is kept for reuse: in a parked slot, in host memory, or (a shared prefix) on the
+    device outside the slots."""
+
+    key: str
+    tokens: Tensor  # [n, 33] long, host
+    mask: Tensor
+    slot: int | None = None  # the parked slot; None when the KV is in `k`/`v`
+    k: Tensor | None = None  # [L, Hkv, n, D]
+    v: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    def common_prefix(self, tokens: Tensor, mask: Tensor) -> int:
+        """Leading rows equal in token and mask to `tokens`/`mask` (host tensors)."""
+        n = min(self.rows, tokens.shape[0])
+        same = (self.tokens[:n] == tokens[:n]).all(1) & (self.mask[:n] == mask[:n]).all(1)
+        diff = (~same).nonzero()
+        return int(diff[0, 0]) if len(diff) else n
 
 
 @dataclass
@@ -119,6 +208,16 @@ class _SlotState:
         self.pos.masked_fill_(mask, 0)
         self.frame.masked_fill_(mask, 0)
 
+    def swap(self, a: int, b: int, rows: int) -> None:
+        """Exchange slots a and b: the first `rows` KV positions and every per-slot buffer, in place."""
+        pair, flipped = [a, b], [b, a]
+        for cache in (self.k, self.v):  # the gathered right side is a copy, so this is a true swap
+            cache[:, pair, :, :rows] = cache[:, flipped, :, :rows]
+        for buf in (self.next_input, self.pos, self.active, self.temperature, self.top_k, self.seed):
+            buf[pair] = buf[flipped]
+        self.frame[pair] = self.frame[flipped]
+        self.codes[pair] = self.codes[flipped]
+
 
 @dataclass
 class _Stats:
@@ -127,6 +226,12 @@ class _Stats:
     frames: int = 0
     frame_steps: int = 0
     prefill_steps: int = 0
+    prefilled_rows: int = 0  # prompt rows computed (the last row of each prompt included)
+    reused_rows: int = 0  # prompt rows copied from a parked slot, the host tier or a shared prefix
+    evictions: int = 0  # parked slots given up for a new sequence
+    host_restores: int = 0  # requests whose KV came back from host memory
+    shared_prefix_hits: int = 0  # requests that copied a shared prefix
+    relocations: int = 0  # slot moves that keep the active rows dense
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT))
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
@@ -151,11 +256,18 @@ class Engine:
         use_graphs = self.config.cuda_graphs
         self.cuda_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.static_shapes = self.cuda_graphs or self.config.static_shapes
+        self._pin = self.device.type == "cuda"
         self._lock = threading.Lock()
-        self._free = list(range(self.config.max_slots))
-        self._seqs: dict[str, _Sequence] = {}
+        self._seqs: dict[str, _Sequence] = {}  # every sequence not yet finished: pending, prefilling, active
+        self._pending: deque[_Sequence] = deque()  # added, not yet placed in a slot
         self._prefill_queue: deque[_Sequence] = deque()
         self._cancelled: set[str] = set()
+        # Engine thread only:
+        self._owner: list[_Sequence | _Cached | None] = [None] * self.config.max_slots
+        self._parked: OrderedDict[str, _Cached] = OrderedDict()  # by key, least recently used first
+        self._host: OrderedDict[str, _Cached] = OrderedDict()
+        self._shared: OrderedDict[str, _Cached] = OrderedDict()
+        self.host_bytes = 0
         self._state: _SlotState | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.stats = _Stats()
@@ -234,21 +346,37 @@ class Engine:
         max_frames: int,
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
+        cache_key: str | None = None,
+        prefix_key: str | None = None,
+        prefix_rows: int = 0,
     ) -> str:
-        """Queue a prompt ([T, 33] tokens and mask) for generation. Raises EngineFull past capacity."""
+        """Queue a prompt ([T, 33] tokens and mask) for generation. Raises EngineFull when every slot runs
+        a sequence (parked slots do not count: they are evicted for newcomers).
+
+        `cache_key` (a conversation) reuses what that key's last sequence left; `prefix_key` names the
+        first `prefix_rows` rows as a prefix shared across keys (a voice's reference segment)."""
         sampling = (sampling or SamplingParams()).validated(self.args.audio_vocab_size)
         tokens, mask = self._check_prompt(tokens, mask, max_frames)
+        if isinstance(prefix_rows, bool) or not isinstance(prefix_rows, int) or prefix_rows < 0:
+            raise ValueError(f"prefix_rows must be an integer >= 0, got {prefix_rows!r}")
         request_id = request_id or uuid.uuid4().hex
+        seq = _Sequence(
+            request_id,
+            tokens,
+            mask,
+            max_frames,
+            sampling,
+            cache_key,
+            prefix_key,
+            min(prefix_rows, len(tokens)),
+        )
         with self._lock:
             if request_id in self._seqs:
                 raise ValueError(f"request id {request_id!r} is already running")
-            if not self._free:
+            if len(self._seqs) >= self.config.max_slots:
                 raise EngineFull(f"all {self.config.max_slots} generation slots are busy")
-            self._free.sort()
-            slot = self._free.pop(0)  # lowest free slot keeps the active rows dense
-            seq = _Sequence(request_id, slot, tokens, mask, max_frames, sampling)
             self._seqs[request_id] = seq
-            self._prefill_queue.append(seq)
+            self._pending.append(seq)
         return request_id
 
     def cancel(self, request_id: str) -> bool:
@@ -276,7 +404,8 @@ class Engine:
             raise ValueError("prompt text token out of the model's vocabulary")
         if audio.min() < 0 or audio.max() >= self.args.audio_vocab_size:
             raise ValueError("prompt audio code out of range")
-        return tokens.to(self.device, torch.long), mask.to(self.device, torch.bool)
+        # Kept on the host: prefix matching compares there, and the engine thread copies to the device.
+        return tokens.to("cpu", torch.long), mask.to("cpu", torch.bool)
 
     @property
     def n_graphs(self) -> int:
@@ -288,6 +417,25 @@ class Engine:
             return len(self._seqs)
 
     @property
+    def n_parked(self) -> int:
+        return len(self._parked)
+
+    @property
+    def n_host(self) -> int:
+        return len(self._host)
+
+    @property
+    def n_active(self) -> int:
+        return sum(isinstance(o, _Sequence) and o.active for o in self._owner)
+
+    @property
+    def bucket(self) -> int:
+        """Slots the next frame step computes: one past the highest active slot."""
+        return max(
+            (i + 1 for i, o in enumerate(self._owner) if isinstance(o, _Sequence) and o.active), default=0
+        )
+
+    @property
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._seqs)
@@ -295,15 +443,15 @@ class Engine:
     # ---- the loop body -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[FrameEvent]:
-        """One iteration: apply cancels, run one prefill chunk, run one frame for the active batch."""
+        """One iteration: apply cancels, place new sequences, run one prefill chunk, run one frame."""
         self.setup()
         events = self._apply_cancels()
+        self._admit()
         with self._lock:
             group = self._next_prefill_group()
         if group:
             self._prefill(group)
-        with self._lock:
-            active = [s for s in self._seqs.values() if s.active]
+        active = [s for s in self._owner if isinstance(s, _Sequence) and s.active]
         if active:
             events += self._decode(active)
         return events
@@ -315,16 +463,163 @@ class Engine:
             for seq in seqs:
                 if seq in self._prefill_queue:
                     self._prefill_queue.remove(seq)
+                if seq in self._pending:
+                    self._pending.remove(seq)
         for seq in seqs:
             self._finish(seq)
-        return [FrameEvent(s.request_id, None, done=True, reason="cancelled") for s in seqs]
+        return [self._event(s, None, done=True, reason="cancelled") for s in seqs]
+
+    def _event(self, seq: _Sequence, codes: np.ndarray | None, **kw) -> FrameEvent:
+        ev = FrameEvent(seq.request_id, codes, **kw, reused=None if seq.reported else seq.reused)
+        seq.reported = True
+        return ev
+
+    # ---- slots and caches --------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Place each new sequence in a slot with the longest cached prefix of its prompt."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                seq = self._pending.popleft()
+            self._place(seq)
+            with self._lock:
+                self._prefill_queue.append(seq)
+
+    def _place(self, seq: _Sequence) -> None:
+        limit = seq.tokens.shape[0] - 1  # the last prompt row is always computed by the frame step
+        own = None
+        if seq.cache_key is not None:
+            own = self._parked.pop(seq.cache_key, None) or self._pop_host(seq.cache_key)
+        shared = self._shared.get(seq.prefix_key) if seq.prefix_key is not None else None
+        n_own = min(own.common_prefix(seq.tokens, seq.mask), limit) if own is not None else 0
+        n_shared = 0
+        if shared is not None:
+            n_shared = min(shared.common_prefix(seq.tokens, seq.mask), seq.prefix_rows, limit)
+            self._shared.move_to_end(seq.prefix_key)
+        if own is not None and own.slot is not None and n_own >= n_shared:
+            seq.slot, n = own.slot, n_own  # reuse in place: the slot is already ours
+        else:
+            if own is not None and own.slot is not None:
+                self._owner[own.slot] = None  # a shared prefix matches more than our own parked rows
+            seq.slot = self._take_slot()
+            src = own if n_own >= n_shared else shared
+            n = max(n_own, n_shared)
+            if n > 0:
+                self._restore(src, seq.slot, n)
+                if src is own:
+                    self.stats.host_restores += 1
+                else:
+                    self.stats.shared_prefix_hits += 1
+        self._owner[seq.slot] = seq
+        seq.prefilled = seq.reused = n
+        self.stats.reused_rows += n
+        self.stats.prefilled_rows += seq.tokens.shape[0] - n
+
+    def _pop_host(self, key: str) -> _Cached | None:
+        cached = self._host.pop(key, None)
+        if cached is not None:
+            self.host_bytes -= cached.nbytes
+        return cached
+
+    def _take_slot(self) -> int:
+        """The lowest free slot, or the least recently parked one's (moved to the host tier if it fits)."""
+        for i, owner in enumerate(self._owner):
+            if owner is None:
+                return i
+        if not self._parked:  # admission counts running sequences, so a parked slot exists
+            raise RuntimeError("no slot to place a sequence in")
+        _, victim = self._parked.popitem(last=False)
+        slot = victim.slot
+        self.stats.evictions += 1
+        self._to_host(victim)
+        self._owner[slot] = None
+        return slot
+
+    def _to_host(self, cached: _Cached) -> None:
+        budget = self.config.host_cache_bytes
+        st, n = self._state, cached.rows
+        need = n * kv_bytes_per_row(self.args, self.dtype)
+        if need > budget:
+            return
+        while self._host and self.host_bytes + need > budget:
+            _, old = self._host.popitem(last=False)
+            self.host_bytes -= old.nbytes
+        # Stream-ordered: the copy is done before any later kernel reuses the slot or reads it back.
+        k = torch.empty(st.k[:, 0, :, :n].shape, dtype=self.dtype, pin_memory=self._pin)
+        v = torch.empty(k.shape, dtype=self.dtype, pin_memory=self._pin)
+        k.copy_(st.k[:, cached.slot, :, :n], non_blocking=self._pin)
+        v.copy_(st.v[:, cached.slot, :, :n], non_blocking=self._pin)
+        cached.slot, cached.k, cached.v = None, k, v
+        self._host[cached.key] = cached
+        self.host_bytes += cached.nbytes
+
+    def _restore(self, src: _Cached, slot: int, n: int) -> None:
+        """Copy the first n cached rows' KV into `slot`: from another slot, host memory or a prefix."""
+        st = self._state
+        if src.slot is not None:
+            st.k[:, slot, :, :n] = st.k[:, src.slot, :, :n]
+            st.v[:, slot, :, :n] = st.v[:, src.slot, :, :n]
+        else:
+            st.k[:, slot, :, :n].copy_(src.k[:, :, :n], non_blocking=self._pin)
+            st.v[:, slot, :, :n].copy_(src.v[:, :, :n], non_blocking=self._pin)
+
+    def _keep_shared_prefix(self, seq: _Sequence) -> None:
+        """Copy the sequence's shared-prefix rows out of its slot, unless the same rows are kept already."""
+        key, n = seq.prefix_key, min(seq.prefix_rows, seq.prefilled)
+        if key is None or n == 0 or not self.config.prefix_cache or self.config.max_shared_prefixes == 0:
+            return
+        have = self._shared.get(key)
+        tokens, mask = seq.tokens[:n], seq.mask[:n]
+        if have is not None and have.rows == n and have.common_prefix(tokens, mask) == n:
+            return
+        st = self._state
+        k, v = st.k[:, seq.slot, :, :n].clone(), st.v[:, seq.slot, :, :n].clone()
+        self._shared[key] = _Cached(key, tokens.clone(), mask.clone(), k=k, v=v)
+        self._shared.move_to_end(key)
+        while len(self._shared) > self.config.max_shared_prefixes:
+            self._shared.popitem(last=False)
+
+    def _rows_in(self, slot: int) -> int:
+        owner = self._owner[slot]
+        if isinstance(owner, _Sequence):
+            return owner.held_rows()
+        return owner.rows if isinstance(owner, _Cached) else 0
+
+    def _move(self, a: int, b: int) -> None:
+        """Swap what slots a and b hold (sequences, parked rows or nothing), device state included."""
+        rows = max(self._rows_in(a), self._rows_in(b))
+        self._state.swap(a, b, rows)
+        self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
+        for i in (a, b):
+            owner = self._owner[i]
+            if owner is not None:
+                owner.slot = i
+        self.stats.relocations += 1
 
     def _finish(self, seq: _Sequence) -> None:
-        st = self._state
-        st.reset(torch.arange(self.config.max_slots, device=self.device) == seq.slot)
         with self._lock:
             self._seqs.pop(seq.request_id, None)
-            self._free.append(seq.slot)
+        if seq.slot < 0:  # cancelled before it had a slot
+            return
+        i, was_active = seq.slot, seq.active
+        park = self.config.prefix_cache and seq.cache_key is not None and seq.held_rows() > 0
+        tokens, mask = seq.held() if park else (None, None)
+        self._state.reset(torch.arange(self.config.max_slots, device=self.device) == i)
+        seq.active = False
+        if park:
+            old = self._parked.pop(seq.cache_key, None)
+            if old is not None and old.slot is not None:
+                self._owner[old.slot] = None
+            self._pop_host(seq.cache_key)
+            cached = _Cached(seq.cache_key, tokens, mask, slot=i)
+            self._owner[i] = cached
+            self._parked[seq.cache_key] = cached
+        else:
+            self._owner[i] = None
+        top = self.bucket - 1
+        if was_active and top > i:  # keep the active rows dense: the highest active comes down
+            self._move(i, top)
 
     def _next_prefill_group(self) -> list[tuple[_Sequence, int]]:
         """Joiners at the head of the queue, packed into one prefill step of at most `prefill_chunk` rows.
@@ -345,25 +640,35 @@ class Engine:
             group.append((seq, min(seq.to_prefill, width)))
         return group
 
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A host tensor on the device without a synchronous copy (pinned and non-blocking on CUDA)."""
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _prefill(self, group: list[tuple[_Sequence, int]]) -> None:
-        m, st, dev = self.model, self._state, self.device
+        m, st = self.model, self._state
         work = [(s, n) for s, n in group if n > 0]
         if work:
+            # Every index is built on the host and copied once: no synchronous host-to-device copies.
             c = max(n for _, n in work)
             rows = len(work)
-            tokens = torch.zeros(rows, c, self.args.num_codebooks + 1, dtype=torch.long, device=dev)
+            tokens = torch.zeros(rows, c, self.args.num_codebooks + 1, dtype=torch.long)
             mask = torch.zeros_like(tokens, dtype=torch.bool)
             for i, (s, n) in enumerate(work):
                 tokens[i, :n] = s.tokens[s.prefilled : s.prefilled + n]
                 mask[i, :n] = s.mask[s.prefilled : s.prefilled + n]
-            starts = torch.tensor([s.prefilled for s, _ in work], device=dev)
-            lens = torch.tensor([n for _, n in work], device=dev)
-            j = torch.arange(c, device=dev)
+            starts = torch.tensor([s.prefilled for s, _ in work])
+            lens = torch.tensor([n for _, n in work])
+            j = torch.arange(c)
             positions = starts[:, None] + j  # [rows, c]
             write = torch.where(j < lens[:, None], positions, self._scratch_pos)
             kv_len = max(s.prefilled + n for s, n in work)
-            attn_mask = (torch.arange(kv_len, device=dev) <= positions[:, :, None])[:, None]
-            slots = torch.tensor([s.slot for s, _ in work], device=dev)
+            attn_mask = (torch.arange(kv_len) <= positions[:, :, None])[:, None]
+            slots = torch.tensor([s.slot for s, _ in work])
+            tokens, mask, positions, write, attn_mask, slots = map(
+                self._to_device, (tokens, mask, positions, write, attn_mask, slots)
+            )
             x = m.embed_rows(tokens, mask).to(self.dtype)
             m.backbone.fill_cache(
                 x,
@@ -379,9 +684,14 @@ class Engine:
                 self._activate(s)
 
     def _activate(self, seq: _Sequence) -> None:
+        self._keep_shared_prefix(seq)
+        low = next(i for i, o in enumerate(self._owner) if not (isinstance(o, _Sequence) and o.active))
+        if low < seq.slot:  # move down so that the active rows stay [0, n_active)
+            self._move(low, seq.slot)
         st, i, sp = self._state, seq.slot, seq.sampling
         last = seq.tokens.shape[0] - 1
-        st.next_input[i] = self.model.embed_rows(seq.tokens[last], seq.mask[last]).to(self.dtype)
+        row_tokens, row_mask = self._to_device(seq.tokens[last]), self._to_device(seq.mask[last])
+        st.next_input[i] = self.model.embed_rows(row_tokens, row_mask).to(self.dtype)
         st.pos[i] = last
         st.frame[i] = 0
         st.temperature[i] = sp.temperature
@@ -394,8 +704,8 @@ class Engine:
 
     def _decode(self, active: list[_Sequence]) -> list[FrameEvent]:
         start = time.perf_counter()
-        hi = max(s.slot for s in active) + 1
-        kv_len = max(s.tokens.shape[0] + s.frames for s in active)  # positions [0, pos] of every row
+        hi = self.bucket
+        kv_len = max(s.tokens.shape[0] + s.steps for s in active)  # positions [0, pos] of every row
         if self.static_shapes:
             b = next(x for x in self._batch_buckets() if x >= hi)
             kv = next(x for x in self._kv_buckets() if x >= kv_len)
@@ -412,19 +722,23 @@ class Engine:
         self.stats.frame_steps += 1
         self.stats.batch_sizes.append(len(active))
         self.stats.step_seconds.append(time.perf_counter() - start)
-        events = []
-        for seq in active:
-            frame = codes[seq.slot].copy()
-            if not frame.any():  # an all-zero frame is EOS
-                events.append(FrameEvent(seq.request_id, None, done=True, reason="eos"))
-                self._finish(seq)
+        eos = ~codes.any(axis=1)  # an all-zero frame is EOS
+        events, done = [], []
+        for seq in active:  # read every row before a finish moves slots
+            seq.steps += 1
+            if eos[seq.slot]:
+                events.append(self._event(seq, None, done=True, reason="eos"))
+                done.append(seq)
                 continue
-            seq.frames += 1
-            self.stats.frames += 1
-            done = seq.frames >= seq.max_frames
-            events.append(FrameEvent(seq.request_id, frame, done=done, reason="max_frames" if done else None))
-            if done:
-                self._finish(seq)
+            frame = codes[seq.slot].copy()
+            seq.frames.append(frame)
+            ended = len(seq.frames) >= seq.max_frames
+            events.append(self._event(seq, frame, done=ended, reason="max_frames" if ended else None))
+            if ended:
+                done.append(seq)
+        self.stats.frames += len(active) - int(eos[[s.slot for s in active]].sum())
+        for seq in sorted(done, key=lambda s: -s.slot):  # highest first: fewer moves to stay dense
+            self._finish(seq)
         return events
 
     def _frame(self, b: int, kv_len: int, k_max: int, mode: Mode = "mixed") -> None:

@@ -30,6 +30,7 @@ class Prompt:
     tokens: Tensor  # [T, num_codebooks + 1] long
     mask: Tensor  # [T, num_codebooks + 1] bool
     n_context: int  # how many context segments made it in
+    pinned_rows: int = 0  # leading rows of the pinned segments (a voice's reference), kept in every cut
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -70,9 +71,12 @@ class PromptBuilder:
             raise ValueError(f"audio codes must be integers, got {codes.dtype}")
         if codes.ndim != 2 or codes.shape[1] != n:
             raise ValueError(f"audio codes must be [frames, {n}], got {list(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.args.codebook_size):
-            bad = codes[(codes < 0) | (codes >= self.args.codebook_size)][0].item()
-            raise ValueError(f"audio code {bad} out of range [0, {self.args.codebook_size})")
+        # The model's audio vocabulary, not just Mimi's codes: a reply's frames go back into the context
+        # exactly as the engine fed them, ids past Mimi's codes included, so the rows stay a cached prefix.
+        vocab = self.args.audio_vocab_size
+        if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
+            bad = codes[(codes < 0) | (codes >= vocab)][0].item()
+            raise ValueError(f"audio code {bad} out of range [0, {vocab})")
         frames = codes.shape[0]
         tokens = torch.zeros(frames + 1, self._width, dtype=torch.long)  # + the all-zero EOS frame
         mask = torch.zeros(frames + 1, self._width, dtype=torch.bool)
@@ -99,12 +103,15 @@ class PromptBuilder:
 
         Keeps the first `keep_first` segments (a voice's reference) when they fit, then the newest whole
         segments that fit; older ones are dropped. A long conversation never raises; bad input does.
+
+        Old segments go in large steps (see `first_kept`), so the prompts of a growing conversation keep
+        their leading rows, which the engine holds, for many turns between cuts.
         """
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         tail_tokens, tail_mask = self.text_rows(speaker, text)
-        budget = self.args.max_seq_len - max_frames - tail_tokens.shape[0]
-        if budget < 0:
+        room = self.args.max_seq_len - max_frames - tail_tokens.shape[0]
+        if room < 0:
             raise ValueError(
                 f"text is too long: {tail_tokens.shape[0]} rows + {max_frames} reply frames exceed the "
                 f"model's {self.args.max_seq_len} positions"
@@ -112,16 +119,35 @@ class PromptBuilder:
         rows = [self.segment_rows(s) for s in context]  # validates every segment, kept or not
         pinned = min(keep_first, len(rows))
         pinned_len = sum(r[0].shape[0] for r in rows[:pinned])
-        if pinned_len > budget:
+        if pinned_len > room:
             pinned, pinned_len = 0, 0
-        budget -= pinned_len
-        newest: list[tuple[Tensor, Tensor]] = []
-        for r in reversed(rows[pinned:]):
-            if r[0].shape[0] > budget:
-                break
-            budget -= r[0].shape[0]
-            newest.append(r)
-        kept = rows[:pinned] + newest[::-1]
+        lengths = [r[0].shape[0] for r in rows[pinned:]]
+        start = first_kept(lengths, self.args.max_seq_len - REPLY_RESERVE - pinned_len)
+        budget = room - pinned_len
+        while sum(lengths[start:]) > budget:  # this request needs more room than the reserve: cut more
+            start += 1
+        kept = rows[:pinned] + rows[pinned + start :]
         tokens = torch.cat([r[0] for r in kept] + [tail_tokens])
         mask = torch.cat([r[1] for r in kept] + [tail_mask])
-        return Prompt(tokens=tokens, mask=mask, n_context=len(kept))
+        return Prompt(tokens=tokens, mask=mask, n_context=len(kept), pinned_rows=pinned_len)
+
+
+# Rows the context leaves for a reply's text and frames when it is cut (30 s of audio is 375 frames).
+REPLY_RESERVE = 512
+
+
+def first_kept(lengths: Sequence[int], budget: int) -> int:
+    """Index of the oldest segment kept of segments with these row counts (oldest first) under `budget`.
+
+    It replays the conversation's growth one segment at a time: the context is cut only when it overflows,
+    and then down to half the budget. So a cut happens once per half a budget of new rows, not on every
+    turn, and since it is a function of the segments alone, every replica cuts at the same place.
+    """
+    start, total = 0, 0
+    for i, n in enumerate(lengths):
+        total += n
+        if total > budget:
+            while start <= i and total > budget // 2:
+                total -= lengths[start]
+                start += 1
+    return start

@@ -71,7 +71,7 @@ def test_empty_context_and_text_only_segments(builder):
         (Segment(99, "hi", None), "unknown speaker 99"),
         (Segment(-1, "hi", None), "unknown speaker"),
         (Segment("0", "hi", None), "unknown speaker"),  # type: ignore[arg-type]
-        (Segment(0, "hi", torch.full((2, 32), 2048)), "out of range"),
+        (Segment(0, "hi", torch.full((2, 32), 2051)), "out of range"),
         (Segment(0, "hi", torch.full((2, 32), -1)), "out of range"),
         (Segment(0, "hi", torch.zeros(2, 31, dtype=torch.long)), r"\[frames, 32\]"),
         (Segment(0, "hi", torch.zeros(2, 32, 1, dtype=torch.long)), r"\[frames, 32\]"),
@@ -92,3 +92,24 @@ def test_bad_reply_requests_raise(builder):
         builder.build([], 0, "x" * 3000, max_frames=4)
     with pytest.raises(ValueError, match="max_frames"):
         builder.build([], 0, "hi", max_frames=0)
+
+
+def test_a_growing_conversation_is_cut_rarely_and_in_large_steps(builder):
+    """Each turn's prompt extends the last one row for row, except at a cut; a cut drops old segments
+    down to about half the budget, so cuts are rare and the prompt's leading rows (the engine's cached
+    prefix) last for many turns. The voice stays first through every cut."""
+    voice = Segment(0, "my voice", codes(20, 9))
+    turns = [Segment(i % 2, f"turn {i}", codes(60, i % 7 + 1)) for i in range(120)]  # ~70 rows each
+    prompts = [builder.build([voice, *turns[:n]], 0, "next", 100, keep_first=1) for n in range(1, 121)]
+    voice_rows = builder.segment_rows(voice)[0]
+    cuts = 0
+    for before, after in zip(prompts, prompts[1:], strict=False):
+        assert torch.equal(after.tokens[: len(voice_rows)], voice_rows)
+        assert after.pinned_rows == len(voice_rows)
+        context = len(before) - len(builder.text_rows(0, "next")[0])
+        if not torch.equal(after.tokens[:context], before.tokens[:context]):
+            cuts += 1
+            assert len(after) < 1300  # cut down to about half, not just by one segment
+    # ~8800 rows of turns through a ~1500-row window cut to half: a cut every ~10 turns (dropping just
+    # what overflows would cut on every one of the ~100 turns after the window fills).
+    assert 5 <= cuts <= 12
