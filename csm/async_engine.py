@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,24 @@ from torch import Tensor
 from csm.engine import Engine, FrameEvent, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+class Generation:
+    """One request's frames, an async iterator, and what the engine reported about its prompt."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.reused: int | None = None  # prompt rows taken from the engine's cache (with the first frame)
+        self.frames: AsyncGenerator[np.ndarray, None]
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> np.ndarray:
+        return await anext(self.frames)
+
+    async def aclose(self) -> None:
+        await self.frames.aclose()
 
 
 @dataclass
@@ -46,11 +64,14 @@ class AsyncEngine:
         max_frames: int,
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[np.ndarray]:
+        cache_key: str | None = None,
+        prefix_key: str | None = None,
+        prefix_rows: int = 0,
+    ) -> Generation:
         """Frames ([num_codebooks] int64 arrays) as they are made: `async for frame in engine.generate(...)`.
 
         Call it from a running event loop. EngineFull and ValueError are raised here, before any frame.
-        """
+        `cache_key`, `prefix_key` and `prefix_rows` are `Engine.add`'s (prefix reuse)."""
         consumer = _Consumer(asyncio.get_running_loop(), asyncio.Queue())
         request_id = request_id or uuid.uuid4().hex
         with self._lock:  # registered before the engine can make its first frame
@@ -58,15 +79,21 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._consumers[request_id] = consumer
         try:
-            self.engine.add(tokens, mask, max_frames, sampling, request_id)
+            self.engine.add(
+                tokens, mask, max_frames, sampling, request_id, cache_key, prefix_key, prefix_rows
+            )
         except BaseException:
             with self._lock:
                 self._consumers.pop(request_id, None)
             raise
         self._wake.set()
-        return self._frames(request_id, consumer)
+        generation = Generation(request_id)
+        generation.frames = self._frames(request_id, consumer, generation)
+        return generation
 
-    async def _frames(self, request_id: str, consumer: _Consumer) -> AsyncIterator[np.ndarray]:
+    async def _frames(
+        self, request_id: str, consumer: _Consumer, generation: Generation
+    ) -> AsyncIterator[np.ndarray]:
         finished = False
         try:
             while True:
@@ -74,6 +101,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if item.reused is not None:
+                    generation.reused = item.reused
                 if item.codes is not None:
                     yield item.codes
                 if item.done:

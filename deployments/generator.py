@@ -12,22 +12,30 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
 from csm.async_engine import AsyncEngine
-from csm.engine import Engine, EngineConfig, EngineFull, SamplingParams
+from csm.engine import (
+    Engine,
+    EngineConfig,
+    EngineFull,
+    SamplingParams,
+    kv_bytes_per_row,
+    slot_bytes,
+    slots_for_memory,
+)
 from csm.prompt import PromptBuilder, Segment
 from deployments.weights import load_csm, pick_device, pick_dtype, set_torch_threads
 
 log = logging.getLogger(__name__)
 
-MIMI_CODES = 2048
-
-__all__ = ["CSMGenerator", "EngineFull", "GeneratorConfig", "SpeechRequest"]
+__all__ = ["CSMGenerator", "EngineFull", "Frames", "GeneratorConfig", "PromptUse", "SpeechRequest"]
 
 
 class GeneratorConfig(BaseModel):
@@ -40,11 +48,16 @@ class GeneratorConfig(BaseModel):
     preset: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    max_slots: int = Field(8, ge=1, le=512)
+    # Sequences at once, parked conversations included. "auto" (CUDA): as many as the replica's share of
+    # the GPU holds after the weights; elsewhere "auto" means 8.
+    max_slots: int | Literal["auto"] = Field(8, ge=1, le=512)
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)  # for "auto"; None: the replica's num_gpus
     prefill_chunk: int = Field(256, ge=16)
     cuda_graphs: bool | None = None
     torch_threads: int | None = Field(None, ge=1)
     frames_per_chunk: int = Field(2, ge=1, le=8)  # frames per streamed item after the first
+    prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
+    host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
 
 
 @dataclass
@@ -59,6 +72,59 @@ class SpeechRequest:
     temperature: float = 0.9
     top_k: int = 50
     seed: int | None = None
+    conversation_id: str | None = None  # whose cached rows to reuse (and the replica to route to)
+    voice: str | None = (
+        None  # the voice whose reference is `context[0]`: a prefix shared across conversations
+    )
+
+
+@dataclass(frozen=True)
+class PromptUse:
+    """How a reply's prompt was paid for: rows in all, and of those, rows taken from the engine's cache."""
+
+    rows: int
+    reused: int
+
+    @property
+    def prefilled(self) -> int:
+        return self.rows - self.reused
+
+
+@dataclass
+class Frames:
+    """One streamed item: frames as the engine made them (ids past Mimi's codes included: they go back
+    into the context as fed, and the decoder hears them as silence), and with the first, the prompt."""
+
+    codes: np.ndarray  # [k, 32] int16
+    prompt: PromptUse | None = None
+
+
+def auto_slots(args, dtype: torch.dtype, device: torch.device, fraction: float | None) -> int:
+    """Slots that fit in this replica's share of the GPU, after what it holds already (the weights), less
+    a reserve for the CUDA graphs' activations; logged. CPU and other devices: 8."""
+    if device.type != "cuda":
+        return 8
+    total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    share = fraction if fraction is not None else _gpu_share()
+    reserve = 1 << 30  # graph pools, sampling buffers and the allocator's slack
+    budget = min(int(share * total) - torch.cuda.memory_allocated(device), free) - reserve
+    per = slot_bytes(args, dtype)
+    slots = slots_for_memory(budget, per)
+    log.info(
+        "max_slots auto: %d slots of %.0f MiB in %.1f GiB (share %.2f of %.1f GiB, weights %.1f GiB)",
+        slots, per / 2**20, budget / 2**30, share, total / 2**30, torch.cuda.memory_allocated(device) / 2**30,
+    )  # fmt: skip
+    return slots
+
+
+def _gpu_share() -> float:
+    try:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)) or 1.0
+    except Exception:  # not in a Ray worker (tests, scripts): the whole device
+        return 1.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
@@ -67,16 +133,25 @@ class CSMGenerator:
         cfg = GeneratorConfig.model_validate(config or {})
         set_torch_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
+        dtype = pick_dtype(cfg.dtype, device)
         model, tokenizer, self.weights = load_csm(
-            cfg.model_path, cfg.tokenizer_path, cfg.preset, device, pick_dtype(cfg.dtype, device)
+            cfg.model_path, cfg.tokenizer_path, cfg.preset, device, dtype
         )
         self.builder = PromptBuilder(tokenizer, model.args)
-        self.max_slots = cfg.max_slots
+        slots = cfg.max_slots
+        if slots == "auto":
+            slots = auto_slots(model.args, dtype, device, cfg.gpu_memory_fraction)
+        self.max_slots = slots
         self.frames_per_chunk = cfg.frames_per_chunk
+        self.kv_bytes_per_row = kv_bytes_per_row(model.args, dtype)
         engine = Engine(
             model,
             EngineConfig(
-                max_slots=cfg.max_slots, prefill_chunk=cfg.prefill_chunk, cuda_graphs=cfg.cuda_graphs
+                max_slots=slots,
+                prefill_chunk=cfg.prefill_chunk,
+                cuda_graphs=cfg.cuda_graphs,
+                prefix_cache=cfg.prefix_cache,
+                host_cache_bytes=cfg.host_cache_mb << 20,
             ),
         )
         self.engine = AsyncEngine(engine)
@@ -96,15 +171,27 @@ class CSMGenerator:
             description="From a reply's arrival at the generator to its first frame.",
             boundaries=[0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
         )
+        rows = [16, 64, 256, 512, 1024, 2048]
+        self._prefilled = metrics.Histogram(
+            "csm_generator_prefilled_rows", description="Prompt rows computed per reply.", boundaries=rows
+        )
+        self._reused = metrics.Histogram(
+            "csm_generator_reused_rows",
+            description="Prompt rows per reply taken from the KV cache (parked, host tier, voice prefix).",
+            boundaries=rows,
+        )
+        self._parked = metrics.Gauge("csm_generator_parked_slots", description="Slots parked for reuse.")
+        self._evictions = metrics.Gauge("csm_generator_evictions", description="Parked slots evicted.")
+        self._host_bytes = metrics.Gauge("csm_generator_host_cache_bytes", description="KV in host memory.")
         self._seen_steps = 0
         self._metrics_task: asyncio.Task | None = None
 
-    async def generate(self, request: SpeechRequest) -> AsyncGenerator[np.ndarray, None]:
-        """Chunks of frames ([k, 32] int16) as they are made: the first frame alone (first audio sooner),
-        then `frames_per_chunk` at a time (fewer stream items and decoder calls: the overhead per item is
-        paid by every conversation on the replica's machine). ValueError for a bad request, EngineFull
-        when busy. Call with `handle.options(stream=True).generate.remote(request)`; cancelling the call
-        frees the slot."""
+    async def generate(self, request: SpeechRequest) -> AsyncGenerator[Frames, None]:
+        """Chunks of frames as they are made: the first frame alone (first audio sooner), with how its
+        prompt was paid for, then `frames_per_chunk` at a time (fewer stream items and decoder calls: the
+        overhead per item is paid by every conversation on the replica's machine). ValueError for a bad
+        request, EngineFull when busy. Call with `handle.options(stream=True).generate.remote(request)`;
+        cancelling the call frees the slot (its rows stay parked for the conversation's next reply)."""
         self._ensure_metrics_task()
         prompt = self.builder.build(
             request.context, request.speaker, request.text, request.max_frames, request.keep_first
@@ -112,21 +199,31 @@ class CSMGenerator:
         sampling = SamplingParams(request.temperature, request.top_k, request.seed)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        frames = self.engine.generate(prompt.tokens, prompt.mask, request.max_frames, sampling)
+        frames = self.engine.generate(
+            prompt.tokens,
+            prompt.mask,
+            request.max_frames,
+            sampling,
+            cache_key=request.conversation_id,
+            prefix_key=f"voice:{request.voice}" if request.voice and prompt.pinned_rows else None,
+            prefix_rows=prompt.pinned_rows,
+        )
         pending: list[np.ndarray] = []
         sent = 0
         async for codes in frames:
+            use = None
             if sent == 0 and not pending:
                 self._ttff.observe(loop.time() - start)
-            # The heads have 2051 outputs; ids past Mimi's 2048 codes are never audio (a trained model
-            # all but never samples them; random weights do). The engine continues from what it drew.
-            pending.append(np.where(codes < MIMI_CODES, codes, 0).astype(np.int16))
+                use = PromptUse(len(prompt), frames.reused or 0)
+                self._prefilled.observe(use.prefilled)
+                self._reused.observe(use.reused)
+            pending.append(codes.astype(np.int16))
             if len(pending) >= (self.frames_per_chunk if sent else 1):
                 sent += len(pending)
-                yield np.stack(pending)
+                yield Frames(np.stack(pending), use)
                 pending = []
         if pending:
-            yield np.stack(pending)
+            yield Frames(np.stack(pending))
 
     def info(self, steps_since: int | None = None) -> dict:
         """What this replica runs and how busy it is (for /readyz and the tests). With `steps_since` (a
@@ -141,10 +238,30 @@ class CSMGenerator:
             "frames": stats.frames,
             "frame_steps": stats.frame_steps,
             "max_batch_size": max(stats.batch_sizes, default=0),
+            "prefilled_rows": stats.prefilled_rows,
+            "reused_rows": stats.reused_rows,
+            "cache": self.cache_info(),
         }
         if steps_since is not None:
             info["batch_sizes"], info["step_seconds"] = stats.steps_since(steps_since)
         return info
+
+    def cache_info(self) -> dict:
+        """The KV cache's budget and use (for /readyz, `x-server.info` and the README's sizing)."""
+        engine, stats = self.engine.engine, self.engine.engine.stats
+        return {
+            "enabled": engine.config.prefix_cache,
+            "slots": self.max_slots,
+            "kv_bytes_per_row": self.kv_bytes_per_row,
+            "slot_rows": self.builder.args.max_seq_len,
+            "parked": engine.n_parked,
+            "evictions": stats.evictions,
+            "host_budget_bytes": engine.config.host_cache_bytes,
+            "host_bytes": engine.host_bytes,
+            "host_entries": engine.n_host,
+            "host_restores": stats.host_restores,
+            "shared_prefix_hits": stats.shared_prefix_hits,
+        }
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -163,6 +280,9 @@ class CSMGenerator:
                 self._batch.observe(b)
                 self._frame_s.observe(t)
             self._active.set(self.engine.engine.n_running)
+            self._parked.set(self.engine.engine.n_parked)
+            self._evictions.set(stats.evictions)
+            self._host_bytes.set(self.engine.engine.host_bytes)
             await asyncio.sleep(1.0)
 
     def __del__(self) -> None:

@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from csm.codec import FRAME_SIZE
 from csm.engine import EngineFull
 from csm.prompt import Segment
-from deployments.generator import SpeechRequest
+from deployments.generator import PromptUse, SpeechRequest
 from deployments.recognizer import SileroVad, TurnDetector, VadConfig
 from deployments.responder import ResponderError
 from serve_app import protocol as p
@@ -69,6 +69,7 @@ class Observer:
     turn_latency: Callable[[float], None] = lambda s: None  # end of turn → first audio delta
     first_audio: Callable[[float], None] = lambda s: None  # response start → first audio delta
     error: Callable[[str], None] = lambda code: None
+    prompt_rows: Callable[[list[PromptUse]], None] = lambda uses: None  # per reply: each sentence's prompt
 
 
 class _InputTurn:
@@ -133,6 +134,7 @@ class Conversation:
         self.reply: _Reply | None = None
         self._turn_ended_at: float | None = None
         self._quiet_since = time.monotonic()  # when the conversation last stopped being busy
+        self._segments: dict[str, tuple[int, list[Segment]]] = {}  # a turn's context segments, made once
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -379,8 +381,7 @@ class Conversation:
                 "audio_end_ms",
             )
         frames = math.ceil(event.audio_end_ms / FRAME_MS)
-        if turn.codes is not None:
-            turn.codes = turn.codes[:frames]
+        turn.truncate(frames)
         await self.store.truncate(self.id, turn.item_id, frames)
         self.send(p.ConversationItemTruncated(item_id=turn.item_id, audio_end_ms=event.audio_end_ms))
 
@@ -418,7 +419,7 @@ class Conversation:
             sampling = p.merge_update(sampling, params.x_sampling)
         instructions = params.instructions if params and params.instructions is not None else None
         audio = ReplyStream(self.h.generator, self.h.decoder)
-        spoken: list[str] = []
+        spoken: list[tuple[str, int]] = []  # each sentence and its frames, as generated
         started = time.perf_counter()
         turn_ended_at, self._turn_ended_at = self._turn_ended_at, None
         first_audio = True
@@ -429,7 +430,9 @@ class Conversation:
         try:
             if self._last_turn_task is not None:  # the turn being answered must be in the history first
                 await asyncio.gather(self._last_turn_task, return_exceptions=True)
-            voice = await self.voices.get(self._voice_name())
+            voice_name = self._voice_name()
+            voice = await self.voices.get(voice_name)
+            history = self._history_segments(voice)
             budget = int(min(sampling.max_reply_seconds, self.limits.max_reply_seconds) * 1000 / FRAME_MS)
             sentences = self.h.responder.options(stream=True).respond.remote(
                 self._instructions(instructions), [{"role": t.role, "text": t.text} for t in self.history]
@@ -439,21 +442,23 @@ class Conversation:
                     status = p.ResponseStatusDetails(type="incomplete", reason="max_output_tokens")
                     break
                 text = sentence if not spoken else " " + sentence
-                spoken.append(sentence)
                 self.send(
                     p.ResponseOutputAudioTranscriptDelta(response_id=response.id, item_id=item_id, delta=text)
                 )
                 request = SpeechRequest(
                     text=sentence,
                     speaker=ASSISTANT,
-                    context=self._context(voice, audio, spoken[:-1]),
+                    context=history + _sentence_segments(spoken, audio.frames),
                     keep_first=1 if voice is not None else 0,
                     max_frames=min(frames_for(sentence), budget),
                     temperature=sampling.temperature,
                     top_k=sampling.top_k,
-                    seed=None if sampling.seed is None else sampling.seed + len(spoken) - 1,
+                    seed=None if sampling.seed is None else sampling.seed + len(spoken),
+                    conversation_id=self.id,
+                    voice=voice_name if voice is not None else None,
                 )
                 before = len(audio.frames)
+                spoken.append((sentence, 0))
                 async for chunk in audio.speak(request):
                     self.send(
                         p.ResponseOutputAudioDelta(
@@ -466,8 +471,8 @@ class Conversation:
                         self.observe.first_audio(time.perf_counter() - started)
                         if turn_ended_at is not None:
                             self.observe.turn_latency(time.perf_counter() - turn_ended_at)
-                audio_sentence_frames = len(audio.frames) - before
-                budget -= audio_sentence_frames
+                spoken[-1] = (sentence, len(audio.frames) - before)
+                budget -= spoken[-1][1]
         except asyncio.CancelledError:
             status = p.ResponseStatusDetails(type="cancelled", reason=reply.cancel_reason)  # type: ignore[arg-type]
         except EngineFull:
@@ -481,13 +486,23 @@ class Conversation:
             status = self._failed("response_failed", f"generating the reply failed ({type(e).__name__})")
         finally:
             await audio.close()
-        transcript = " ".join(spoken)
+        if spoken:  # a sentence cut short by a barge-in or an error keeps the frames it made
+            spoken[-1] = (spoken[-1][0], len(audio.frames) - sum(n for _, n in spoken[:-1]))
+        transcript = " ".join(text for text, _ in spoken)
         codes = audio.codes()
         if spoken:
             turn = Turn(
-                item_id, "assistant", transcript, codes if codes.size else None, time.time(), time.time()
+                item_id,
+                "assistant",
+                transcript,
+                codes if codes.size else None,
+                time.time(),
+                time.time(),
+                sentences=spoken,
             )
             await self._remember(turn)
+        if audio.prompts:
+            self.observe.prompt_rows(audio.prompts)
         part = p.AudioPart(transcript=transcript)
         done_item = p.Item(
             id=item_id,
@@ -503,8 +518,9 @@ class Conversation:
         )
         self.send(p.ResponseContentPartDone(response_id=response.id, item_id=item_id, part=part))
         self.send(p.ResponseOutputItemDone(response_id=response.id, item=done_item))
+        usage = p.PromptRows.of([(u.rows, u.reused) for u in audio.prompts]) if audio.prompts else None
         final = response.model_copy(
-            update={"status": status.type, "status_details": status, "output": [done_item]}
+            update={"status": status.type, "status_details": status, "output": [done_item], "x_prompt": usage}
         )
         self.send(p.ResponseDone(response=final))
         if self.reply is reply:
@@ -521,20 +537,37 @@ class Conversation:
         parts = [override if override is not None else self.session.instructions, *self.system_notes]
         return "\n".join(x for x in parts if x)
 
-    def _context(self, voice, audio: ReplyStream, spoken: list[str]) -> list[Segment]:
-        segments = []
-        if voice is not None:
-            segments.append(Segment(ASSISTANT, voice.text, torch.from_numpy(voice.codes.astype(np.int64))))
+    def _history_segments(self, voice) -> list[Segment]:
+        """CSM's context before this reply: the voice's reference, then every turn (a reply sentence by
+        sentence). Append-only: each turn's segments are made once, and the next reply's context extends
+        this one row for row, so the generator's cached rows stay a prefix (the cut of old turns aside,
+        see `csm.prompt.first_kept`)."""
+        segments = [] if voice is None else [Segment(ASSISTANT, voice.text, torch.from_numpy(voice.codes))]
+        made: dict[str, tuple[int, list[Segment]]] = {}
         for t in self.history:
-            codes = (
-                None if t.codes is None or t.codes.size == 0 else torch.from_numpy(t.codes.astype(np.int64))
-            )
-            speaker = ASSISTANT if t.role == "assistant" else PERSON
-            segments.append(Segment(speaker, t.text.strip() or "...", codes))
-        if spoken:  # this reply's earlier sentences, so the voice and prosody carry on
-            codes = torch.from_numpy(audio.codes().astype(np.int64))
-            segments.append(Segment(ASSISTANT, " ".join(spoken), codes if codes.numel() else None))
+            cached = self._segments.get(t.item_id)
+            if cached is None or cached[0] != t.frames:  # new, or truncated since
+                speaker = ASSISTANT if t.role == "assistant" else PERSON
+                parts = [
+                    Segment(speaker, text.strip() or "...", None if c is None else torch.from_numpy(c))
+                    for text, c in t.parts()
+                ]
+                cached = (t.frames, parts)
+            made[t.item_id] = cached
+            segments += cached[1]
+        self._segments = made  # turns trimmed from the history leave with it
         return segments
+
+
+def _sentence_segments(spoken: list[tuple[str, int]], frames: list[np.ndarray]) -> list[Segment]:
+    """This reply's earlier sentences, each its own segment with its frames, so the voice and prosody carry
+    on and the prompt extends the last sentence's."""
+    out, start = [], 0
+    for text, n in spoken:
+        codes = torch.from_numpy(np.stack(frames[start : start + n])) if n else None
+        out.append(Segment(ASSISTANT, text, codes))
+        start += n
+    return out
 
 
 def frames_for(sentence: str) -> int:

@@ -28,7 +28,9 @@ CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class Turn:
     """One finished turn. `codes` ([frames, 32] int16) is what CSM hears as this turn's audio: the person's
     encoded speech, or the assistant's generated frames (trimmed to what the person heard after a
-    barge-in). A typed turn has no codes."""
+    barge-in). A typed turn has no codes. An assistant turn also keeps where each spoken sentence's
+    frames end (`sentences`: text and frame count), since each sentence is its own segment of CSM's
+    context: that is how it was generated, so the context stays a prefix of what the engine holds."""
 
     item_id: str
     role: Literal["user", "assistant"]
@@ -36,14 +38,40 @@ class Turn:
     codes: np.ndarray | None = None
     started_at: float = field(default_factory=time.time)
     ended_at: float = field(default_factory=time.time)
+    sentences: list[tuple[str, int]] | None = None
 
     @property
     def frames(self) -> int:
         return 0 if self.codes is None else int(self.codes.shape[0])
 
+    def truncate(self, frames: int) -> None:
+        """Keep the first `frames` frames (what was heard), and the sentences they belong to."""
+        if self.codes is None:
+            return
+        self.codes = self.codes[: max(frames, 0)]
+        if self.sentences is not None:
+            kept, start = [], 0
+            for text, n in self.sentences:
+                if start >= self.frames and kept:
+                    break
+                kept.append((text, min(n, self.frames - start)))
+                start += n
+            self.sentences = kept
+
+    def parts(self) -> list[tuple[str, np.ndarray | None]]:
+        """The turn as context segments: (text, codes or None), one per sentence for a reply."""
+        if self.sentences is None:
+            return [(self.text, self.codes if self.frames else None)]
+        out, start = [], 0
+        for text, n in self.sentences:
+            codes = None if self.codes is None or n == 0 else self.codes[start : start + n]
+            out.append((text, codes))
+            start += n
+        return out
+
     def to_json(self) -> dict:
         codes = None if self.codes is None else base64.b64encode(self.codes.astype("<i2").tobytes()).decode()
-        return {
+        record = {
             "kind": "turn",
             "item_id": self.item_id,
             "role": self.role,
@@ -53,13 +81,19 @@ class Turn:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
         }
+        if self.sentences is not None:
+            record["sentences"] = [[text, n] for text, n in self.sentences]
+        return record
 
     @classmethod
     def from_json(cls, d: dict) -> Turn:
         codes = None
         if d.get("codes") is not None:
             codes = np.frombuffer(base64.b64decode(d["codes"]), dtype="<i2").reshape(int(d["frames"]), 32)
-        return cls(d["item_id"], d["role"], d["text"], codes, d["started_at"], d["ended_at"])
+        sentences = d.get("sentences")
+        if sentences is not None:
+            sentences = [(str(text), int(n)) for text, n in sentences]
+        return cls(d["item_id"], d["role"], d["text"], codes, d["started_at"], d["ended_at"], sentences)
 
 
 def check_conversation_id(conversation_id: str) -> str:
@@ -106,9 +140,7 @@ class HistoryStore:
                         turn = Turn.from_json(record)
                         turns[turn.item_id] = turn
                     elif record["kind"] == "truncate" and record["item_id"] in turns:
-                        turn = turns[record["item_id"]]
-                        if turn.codes is not None:
-                            turn.codes = turn.codes[: max(int(record["frames"]), 0)]
+                        turns[record["item_id"]].truncate(int(record["frames"]))
                 except (ValueError, KeyError, TypeError) as e:
                     log.warning("history %s line %d unreadable, skipped: %s", path, number, e)
         return list(turns.values())

@@ -156,6 +156,7 @@ class ConversationIngress:
         self.vad = load_vad_model()
         self._ending: asyncio.Task | None = None
         self._random: bool | None = None
+        self._cache: p.CacheBudget | None = None  # the generator's KV cache budget, with `_random`
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.slots = asyncio.Semaphore(cfg.max_conversations)
         self.active: dict[int, _Session] = {}
@@ -177,10 +178,20 @@ class ConversationIngress:
             "csm_errors", description="Error events sent, by code.", tag_keys=("code",)
         )
         self._m_refused = metrics.Counter("csm_conversations_refused", description="Refused: server busy.")
+        rows = [16, 64, 256, 512, 1024, 2048, 8192]
+        self._m_prefilled = metrics.Histogram(
+            "csm_reply_prefilled_rows", description="CSM prompt rows computed per reply.", boundaries=rows
+        )
+        self._m_reused = metrics.Histogram(
+            "csm_reply_reused_rows",
+            description="CSM prompt rows per reply taken from the KV cache.",
+            boundaries=rows,
+        )
         self.observer = Observer(
             turn_latency=self._m_turn.observe,
             first_audio=self._m_first.observe,
             error=lambda code: self._m_errors.inc(tags={"code": code}),
+            prompt_rows=self._observe_prompts,
         )
 
     # ---- pages and health -------------------------------------------------------------------------
@@ -205,7 +216,7 @@ class ConversationIngress:
         except Exception as e:
             return JSONResponse({"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
         random = bool(gen["random_weights"] or dec["random_weights"] or tok["random_weights"])
-        self._random = random
+        self._random, self._cache = random, p.CacheBudget.of(gen["cache"])
         body = {
             "ready": True,
             "random_weights": random,
@@ -216,6 +227,7 @@ class ConversationIngress:
             },
             "asr": asr.get("backend"),
             "responder": resp.get("backend"),
+            "cache": gen["cache"],
             "conversations": len(self.active) + len(self.bridged),
             "max_conversations": self.cfg.max_conversations,
         }
@@ -360,6 +372,7 @@ class ConversationIngress:
                 voices=self.voices.names(),
                 default_voice=self.cfg.default_voice,
                 random_weights=await self._random_weights(),
+                cache=self._cache,
                 max_reply_seconds=self.cfg.limits.max_reply_seconds,
                 replica=self.replica,
             )
@@ -374,7 +387,12 @@ class ConversationIngress:
                 h.generator.info.remote(), h.decoder.info.remote(), h.tokenizer.info.remote()
             )
             self._random = any(info["random_weights"] for info in infos)
+            self._cache = p.CacheBudget.of(infos[0]["cache"])
         return self._random
+
+    def _observe_prompts(self, uses) -> None:
+        self._m_prefilled.observe(sum(u.prefilled for u in uses))
+        self._m_reused.observe(sum(u.reused for u in uses))
 
     def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
         if self.token is None:

@@ -532,6 +532,23 @@ class ResponseStatusDetails(_ServerModel):
     error: ResponseError | None = None
 
 
+class PromptRows(_ServerModel):
+    """Our ``x-prompt`` extension on ``response.done``: CSM prompt rows of the reply's sentences, and how
+    they were paid for. ``reused_rows`` came from the generator's KV cache (the conversation's earlier
+    replies, a voice's shared prefix); only ``prefilled_rows`` were computed."""
+
+    rows: int
+    reused_rows: int
+    prefilled_rows: int
+    sentences: int
+
+    @classmethod
+    def of(cls, prompts: list[tuple[int, int]]) -> PromptRows:
+        """From (rows, reused rows) per sentence."""
+        rows, reused = sum(r for r, _ in prompts), sum(u for _, u in prompts)
+        return cls(rows=rows, reused_rows=reused, prefilled_rows=rows - reused, sentences=len(prompts))
+
+
 class RealtimeResponse(_ServerModel):
     """The ``response`` object of ``response.created`` (in_progress) and ``response.done``."""
 
@@ -545,6 +562,7 @@ class RealtimeResponse(_ServerModel):
     max_output_tokens: int | Literal["inf"] = "inf"
     audio: ResponseAudio | None = None
     metadata: dict[str, str] | None = None
+    x_prompt: PromptRows | None = Field(None, alias="x-prompt")
 
 
 class TranscriptionUsage(_ServerModel):
@@ -701,6 +719,20 @@ class ErrorDetail(_ServerModel):
     """The ``event_id`` of the client event that caused this error, when it had one."""
 
 
+class CacheBudget(_ServerModel):
+    """What the generator keeps of a conversation between replies (its KV cache), in `x-server.info`."""
+
+    enabled: bool
+    slots: int  # sequences on the device at once, running or parked
+    slot_rows: int  # prompt rows one slot holds
+    kv_bytes_per_row: int
+    host_budget_bytes: int  # host memory for KV evicted from the device
+
+    @classmethod
+    def of(cls, info: dict) -> CacheBudget:
+        return cls.model_validate({k: info[k] for k in cls.model_fields})
+
+
 class ServerInfo(ServerEvent):
     """``x-server.info``, our extension, sent right after ``session.created``: what a page shows before
     the first turn (the voices to pick from, and loudly, whether the weights are random noise). It
@@ -714,6 +746,7 @@ class ServerInfo(ServerEvent):
     random_weights: bool
     max_reply_seconds: float
     replica: str  # the ingress replica holding the conversation: for logs, support and fault tests
+    cache: CacheBudget | None = None  # one generator replica's KV cache (every replica runs the same config)
 
 
 class ErrorEvent(ServerEvent):

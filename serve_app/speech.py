@@ -18,8 +18,9 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from csm.codec import FRAME_SIZE
+from csm.presets import ModelArgs
 from deployments.decoder import RECOVERY_FRAMES
-from deployments.generator import SpeechRequest
+from deployments.generator import Frames, PromptUse, SpeechRequest
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,14 @@ class ReplyStream:
         self.id = f"out_{uuid.uuid4().hex}"
         self._generator = generator.options(stream=True)
         self._decoder = decoder.options(multiplexed_model_id=self.id)
-        self.frames: list[np.ndarray] = []  # every frame decoded so far, in order
+        self.frames: list[np.ndarray] = []  # every frame decoded so far, in order, as the engine made them
+        self.prompts: list[PromptUse] = []  # how each sentence's prompt was paid for
 
     async def speak(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
         """Generate `request` and yield its audio chunk by chunk (the generator's chunks: the first frame
         alone, then 2 frames). Decoding runs while the next frames are made. Leaving the iteration (a
         barge-in) cancels the generation too, which frees its engine slot at once."""
-        queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[Frames | BaseException | None] = asyncio.Queue()
         stream = self._generator.generate.remote(request)
 
         async def pump() -> None:
@@ -134,7 +136,9 @@ class ReplyStream:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield await self._decode(item)
+                if item.prompt is not None:
+                    self.prompts.append(item.prompt)
+                yield await self._decode(item.codes)
         finally:
             pump_task.cancel()
             stream.cancel()
@@ -142,7 +146,11 @@ class ReplyStream:
     async def _decode(self, codes: np.ndarray) -> AudioChunk:
         start = len(self.frames)
         history = np.stack(self.frames[-RECOVERY_FRAMES:]) if self.frames else None
-        pcm = await self._decoder.decode.remote(start, codes, history)
+        # CSM's special ids are never audio (a trained model all but never samples them; random weights
+        # do): the decoder hears them as code 0, while the context keeps the frames as the engine fed them.
+        audible = np.where(codes < ModelArgs.codebook_size, codes, 0)
+        history = None if history is None else np.where(history < ModelArgs.codebook_size, history, 0)
+        pcm = await self._decoder.decode.remote(start, audible, history)
         self.frames.extend(codes)
         return AudioChunk(pcm, codes)
 

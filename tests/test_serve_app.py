@@ -69,6 +69,28 @@ async def test_spoken_turn_end_to_end(app, tmp_path):
     await client.close()
 
 
+async def test_later_replies_prefill_only_their_new_rows(app):
+    """The conversation's prompts are append-only (each sentence its own segment), so the generator reuses
+    what it holds: a reply's second sentence and every later reply prefill only their new rows. The voice's
+    reference comes first and is kept; `x-server.info` shows the cache's budget."""
+    client, info = await Client.open(app["ws"], token=APP_TOKEN)
+    assert info["cache"]["enabled"] and info["cache"]["slots"] == 12 and info["cache"]["kv_bytes_per_row"] > 0
+    await client.send("session.update", session={"audio": {"output": {"voice": "narrator"}}})
+    await client.until("session.updated")
+    usage = []
+    for text in ["first things first. then a second sentence", "and more", "one last thing to say"]:
+        await client.say_text(text)
+        done = of_type(await client.until("response.done"), "response.done")[0]["response"]
+        assert done["status"] == "completed"
+        usage.append(done["x-prompt"])
+    first, *later = usage
+    assert first["sentences"] == 2 and first["reused_rows"] > 0  # the second sentence reuses the first's
+    for u in later:
+        assert u["reused_rows"] > 2 * u["prefilled_rows"] > 0
+        assert u["rows"] == u["reused_rows"] + u["prefilled_rows"]
+    await client.close()
+
+
 async def test_typed_turn(app):
     client = await connect(app)
     await client.say_text("what is the weather like")
