@@ -8,9 +8,12 @@ followed by the text rows of the utterance to speak.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +25,33 @@ from csm.tokenizer import TextTokenizer
 class Segment:
     speaker: int
     text: str
-    codes: Tensor | None = None  # [frames, num_codebooks] Mimi codes, or None for a text-only segment
+    # [frames, num_codebooks] audio codes (a tensor, or an integer array), or None for a text-only segment
+    codes: Tensor | np.ndarray | None = None
+
+
+SEGMENT_CACHE = 2048  # segments whose rows a builder keeps (~10 KB each at a sentence's length)
+
+
+def _content_key(segment: Segment) -> bytes | None:
+    """A digest of what the segment's rows depend on; None for input too odd to key (it is then checked
+    and converted as always, never cached)."""
+    codes = segment.codes
+    if isinstance(codes, Tensor):
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            return None
+        codes = codes.detach().cpu().numpy()
+    if not isinstance(segment.text, str) or isinstance(segment.speaker, bool):
+        return None
+    if not isinstance(segment.speaker, int) or (codes is not None and not isinstance(codes, np.ndarray)):
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{segment.speaker}\x00{segment.text}\x00".encode())
+    if codes is not None:
+        if not np.issubdtype(codes.dtype, np.integer):
+            return None
+        h.update(str(codes.shape).encode())
+        h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,7 @@ class PromptBuilder:
         self.args = args
         self.num_speakers = num_speakers
         self._width = args.num_codebooks + 1
+        self._rows: OrderedDict[bytes, tuple[Tensor, Tensor]] = OrderedDict()
 
     def _check_speaker(self, speaker: object) -> int:
         if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker < self.num_speakers:
@@ -65,8 +95,12 @@ class PromptBuilder:
 
     def audio_rows(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         n = self.args.num_codebooks
+        if isinstance(codes, np.ndarray):  # how segments travel between replicas: 25x cheaper to send
+            if not np.issubdtype(codes.dtype, np.integer):
+                raise ValueError(f"audio codes must be integers, got {codes.dtype}")
+            codes = torch.from_numpy(np.array(codes, dtype=np.int64))
         if not isinstance(codes, Tensor):
-            raise ValueError(f"audio codes must be a tensor, got {type(codes).__name__}")
+            raise ValueError(f"audio codes must be a tensor or an array, got {type(codes).__name__}")
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise ValueError(f"audio codes must be integers, got {codes.dtype}")
         if codes.ndim != 2 or codes.shape[1] != n:
@@ -85,11 +119,22 @@ class PromptBuilder:
         return tokens, mask
 
     def segment_rows(self, segment: Segment) -> tuple[Tensor, Tensor]:
+        """The segment's rows, made once: a conversation sends the same segments with every sentence,
+        so rows are kept by the segment's content (speaker, text, codes), least recently used dropped."""
+        key = _content_key(segment)
+        rows = self._rows.get(key) if key is not None else None
+        if rows is not None:
+            self._rows.move_to_end(key)
+            return rows
         tokens, mask = self.text_rows(segment.speaker, segment.text)
-        if segment.codes is None:
-            return tokens, mask
-        at, am = self.audio_rows(segment.codes)
-        return torch.cat([tokens, at]), torch.cat([mask, am])
+        if segment.codes is not None:
+            at, am = self.audio_rows(segment.codes)
+            tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
+        if key is not None:
+            self._rows[key] = (tokens, mask)
+            while len(self._rows) > SEGMENT_CACHE:
+                self._rows.popitem(last=False)
+        return tokens, mask
 
     def build(
         self,

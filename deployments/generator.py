@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class GeneratorConfig(BaseModel):
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # Sequences at once, parked conversations included. "auto" (CUDA): as many as the replica's share of
     # the GPU holds after the weights; elsewhere "auto" means 8.
-    max_slots: int | Literal["auto"] = Field(8, ge=1, le=512)
+    max_slots: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = 8
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)  # for "auto"; None: the replica's num_gpus
     prefill_chunk: int = Field(256, ge=16)
     cuda_graphs: bool | None = None
@@ -262,6 +262,11 @@ class CSMGenerator:
             "host_restores": stats.host_restores,
             "shared_prefix_hits": stats.shared_prefix_hits,
         }
+
+    def record_replica_metadata(self) -> dict:
+        """Read once by Serve when the replica is ready: the router (`deployments.routing`) learns how many
+        sequences this replica takes before its engine refuses (with `max_slots: auto`, only it knows)."""
+        return {"max_slots": self.max_slots}
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -21,6 +21,7 @@ from deployments.decoder import AudioDecoder, DecoderConfig
 from deployments.generator import CSMGenerator, GeneratorConfig
 from deployments.recognizer import SpeechRecognizer
 from deployments.responder import Responder, ResponderConfig
+from deployments.routing import router_config
 from deployments.tokenizer import AudioTokenizer, TokenizerConfig
 from serve_app.ingress import ConversationIngress, IngressConfig
 
@@ -66,14 +67,14 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     if unknown:
         raise ValueError(f"options: unknown deployments {sorted(unknown)}; known: {list(DEPLOYMENTS)}")
 
-    def on(name: str) -> dict:
+    def on(name: str, **defaults) -> dict:
         options: dict = {}
         if name in share:
             options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": share[name]}
         if name in ("decoder", "tokenizer"):
             # Called every 80-160 ms per conversation: a log line per call costs CPU and disk for nothing.
             options["logging_config"] = {"enable_access_log": False}
-        return {**options, **a.options.get(name, {})}
+        return {**options, **defaults, **a.options.get(name, {})}
 
     codec = {"device": device, "preset": a.codec_preset}
     # Validated here, so a bad config fails `serve run` at once instead of in a replica's constructor.
@@ -85,7 +86,11 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     backend = a.recognizer.get("backend", "pocketsphinx")
     if backend not in ("pocketsphinx", "whisper"):
         raise ValueError(f"recognizer.backend must be 'pocketsphinx' or 'whisper', not {backend!r}")
-    generator = CSMGenerator.options(**on("generator")).bind(gen_cfg.model_dump())
+    # A conversation's replies go to the replica holding its KV cache, while it has a free engine slot.
+    routing = router_config(busy_at=gen_cfg.max_slots if isinstance(gen_cfg.max_slots, int) else None)
+    generator = CSMGenerator.options(**on("generator", request_router_config=routing)).bind(
+        gen_cfg.model_dump()
+    )
     decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg.model_dump())
     tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg.model_dump())
     recognizer = SpeechRecognizer.options(**on("recognizer")).bind(**a.recognizer)

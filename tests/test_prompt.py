@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -103,7 +105,7 @@ def test_a_growing_conversation_is_cut_rarely_and_in_large_steps(builder):
     prompts = [builder.build([voice, *turns[:n]], 0, "next", 100, keep_first=1) for n in range(1, 121)]
     voice_rows = builder.segment_rows(voice)[0]
     cuts = 0
-    for before, after in zip(prompts, prompts[1:], strict=False):
+    for before, after in itertools.pairwise(prompts):
         assert torch.equal(after.tokens[: len(voice_rows)], voice_rows)
         assert after.pinned_rows == len(voice_rows)
         context = len(before) - len(builder.text_rows(0, "next")[0])
@@ -113,3 +115,22 @@ def test_a_growing_conversation_is_cut_rarely_and_in_large_steps(builder):
     # ~8800 rows of turns through a ~1500-row window cut to half: a cut every ~10 turns (dropping just
     # what overflows would cut on every one of the ~100 turns after the window fills).
     assert 5 <= cuts <= 12
+
+
+def test_segments_are_converted_once_by_content(builder):
+    """A conversation sends the same segments with every sentence (as arrays across replicas): their rows
+    are made once, keyed by content, so equal content shares rows and different codes never do."""
+    import numpy as np
+
+    codes = np.arange(64, dtype=np.int16).reshape(2, 32)
+    first = builder.segment_rows(Segment(1, "hi", codes))
+    again = builder.segment_rows(Segment(1, "hi", codes.copy()))  # a new object, as after a Ray call
+    assert again[0] is first[0]
+    as_tensor = builder.segment_rows(Segment(1, "hi", torch.from_numpy(codes.astype(np.int64))))
+    assert torch.equal(as_tensor[0], first[0])
+    other = codes.copy()
+    other[1, 5] = 7
+    assert not torch.equal(builder.segment_rows(Segment(1, "hi", other))[0], first[0])
+    assert not torch.equal(builder.segment_rows(Segment(0, "hi", codes))[0], first[0])
+    with pytest.raises(ValueError, match="integers"):
+        builder.segment_rows(Segment(1, "hi", codes.astype(np.float32)))

@@ -1,0 +1,157 @@
+"""`ConversationRouter`: a conversation's `CSMGenerator` calls go to the replica that holds its KV cache.
+
+Why a custom `RequestRouter` and not multiplexed ids (which the codec deployments use, `streams.py`): a
+multiplexed id reaches the routers through the controller (the replica records the ids it loaded, the
+controller broadcasts every replica's id set to every handle), so the second reply of a new conversation
+may be routed before its holder is known, each new conversation costs a broadcast that grows with the
+number held, Serve's per-replica LRU of ids would be a second eviction policy beside the engine's parked
+slots, and a busy holder gives way to the replica with the fewest ids rather than the least loaded one.
+The router here remembers, in the caller's own process, which replica accepted each conversation's last
+call (`on_request_routed`), so the next one goes there with no extra traffic, and it reads the id from
+the request itself (`SpeechRequest.conversation_id`), so the caller passes nothing. The memory is per
+calling process: a conversation's calls all come from the ingress replica holding its socket; after a
+reconnect to another one, its first reply goes to the least loaded replica (a full prefill) and is
+remembered from then on.
+
+Policy, per call: the holder while it is alive and has fewer requests in flight than its engine's slots
+(a full engine refuses, `EngineFull`, before Serve's `max_ongoing_requests` would: the replica tells its
+`max_slots` in its `record_replica_metadata`, else the `busy_at` router kwarg, else that limit applies);
+otherwise, and for calls with no conversation (`info`) or none remembered, the least loaded replica, ties
+going to the one holding the fewest conversations (the most room for a new one's cache). A holder that
+died took its cache with it: the next reply goes elsewhere, prefills everything, and that replica is the
+holder from then on. When every replica is busy the least loaded one still gets the call, which then
+fails at once with `EngineFull` (server busy), as without this router.
+
+Serve's base `RequestRouter` hands the replica it picks to the very request it picked it for (no
+`FIFOMixin`: that would give the holder of one conversation to whichever request is first in the queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+# Conversations remembered per calling process (least recently routed forgotten first): a forgotten one
+# only costs a full prefill on its next reply.
+MAX_CONVERSATIONS = 65536
+
+__all__ = ["ConversationRouter", "conversation_of", "router_config"]
+
+
+def router_config(busy_at: int | None = None) -> RequestRouterConfig:
+    """The `request_router_config` of `CSMGenerator` (`busy_at`: its engine's slots, where known before
+    its replicas start)."""
+    return RequestRouterConfig(
+        request_router_class=ConversationRouter, request_router_kwargs={"busy_at": busy_at}
+    )
+
+
+def conversation_of(request: PendingRequest | None) -> str | None:
+    """The conversation a call belongs to: the `conversation_id` of its first argument that has a
+    non-empty one (`generate(SpeechRequest)`), else None (`info()`, a reply outside any conversation)."""
+    if request is None:
+        return None
+    for value in (*request.args, *request.kwargs.values()):
+        conversation = getattr(value, "conversation_id", None)
+        if isinstance(conversation, str) and conversation:
+            return conversation
+    return None
+
+
+class ConversationRouter(RequestRouter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.busy_at: int | None = None
+        self.max_conversations = MAX_CONVERSATIONS
+        self._holders: OrderedDict[str, ReplicaID] = OrderedDict()  # conversation → replica, LRU order
+        self._held: Counter[ReplicaID] = Counter()  # replica → conversations it holds
+
+    def initialize_state(
+        self, busy_at: int | None = None, max_conversations: int = MAX_CONVERSATIONS
+    ) -> None:
+        """`request_router_kwargs`: `busy_at`, the requests in flight at which a holder is passed over, for
+        replicas that do not tell their `max_slots` (default: their `max_ongoing_requests`)."""
+        self.busy_at = busy_at
+        self.max_conversations = max_conversations
+
+    def holder(self, conversation: str) -> ReplicaID | None:
+        """The replica that accepted `conversation`'s last call (it may have died since)."""
+        return self._holders.get(conversation)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        """Ranks for Serve to try in order: [holder] if it has room, then every replica, least loaded
+        first. Serve takes the least loaded one of a rank that accepts, else the next rank, else retries."""
+        conversation = conversation_of(pending_request)
+        holder_id = self._holders.get(conversation) if conversation is not None else None
+        holder = next((r for r in candidate_replicas if r.replica_id == holder_id), None)
+        if holder is not None:
+            load = self.replica_queue_len_cache.get(holder.replica_id)
+            if load is None or load >= self._busy_at(holder):  # unknown, or maybe busy: ask it now
+                load = await self._ask(holder)
+            if load is not None and load < self._busy_at(holder):
+                return [[holder], self._least_loaded_first(candidate_replicas)]
+        unknown = [r for r in candidate_replicas if self.replica_queue_len_cache.get(r.replica_id) is None]
+        await asyncio.gather(*(self._ask(r) for r in unknown))
+        pool = self._least_loaded_first([r for r in candidate_replicas if r.replica_id in self.curr_replicas])
+        return [pool] if pool else []
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        conversation = conversation_of(pending_request)
+        if conversation is not None:
+            self._remember(conversation, replica_id)
+
+    def _remember(self, conversation: str, replica_id: ReplicaID) -> None:
+        self._forget(conversation)
+        self._holders[conversation] = replica_id
+        self._held[replica_id] += 1
+        while len(self._holders) > self.max_conversations:
+            self._forget(next(iter(self._holders)))
+
+    def _forget(self, conversation: str) -> None:
+        replica_id = self._holders.pop(conversation, None)
+        if replica_id is not None:
+            self._held[replica_id] -= 1
+            if self._held[replica_id] <= 0:
+                del self._held[replica_id]
+
+    def _busy_at(self, replica: RunningReplica) -> int:
+        limit = replica.max_ongoing_requests
+        slots = replica.replica_metadata.get("max_slots", self.busy_at)
+        return limit if slots is None else min(slots, limit)
+
+    def _least_loaded_first(self, replicas: Sequence[RunningReplica]) -> list[RunningReplica]:
+        """By requests in flight (unknown last), then conversations held, then id (a stable order)."""
+
+        def key(r: RunningReplica) -> tuple[float, int, str]:
+            load = self.replica_queue_len_cache.get(r.replica_id)
+            return (math.inf if load is None else load, self._held[r.replica_id], r.replica_id.unique_id)
+
+        return sorted(replicas, key=key)
+
+    async def _ask(self, replica: RunningReplica) -> int | None:
+        """Requests in flight on `replica`, asked now (and cached for Serve's own choice); None if it
+        does not answer in time. A replica found dead is dropped from routing. The deadline is Serve's
+        longest (1 s by default), not its first (0.1 s): only a replica whose cached load expired is
+        asked, a busy CPU replica can be slow to answer, and a wrong "no answer" costs a whole prefill."""
+        deadline_s = self.max_queue_len_response_deadline_s
+        try:
+            load = await asyncio.wait_for(replica.get_queue_len(deadline_s=deadline_s), deadline_s)
+        except ActorDiedError:
+            self.on_replica_actor_died(replica.replica_id)
+            return None
+        except ActorUnavailableError:
+            self.on_replica_actor_unavailable(replica.replica_id)
+            return None
+        except (TimeoutError, RayActorError):
+            return None
+        self.replica_queue_len_cache.update(replica.replica_id, load)
+        return load
