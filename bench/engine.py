@@ -3,6 +3,7 @@ weights, same machine, same batch, in one run; prints a table with ratios.
 
     python bench/engine.py                                  # `small` preset on this CPU, 1/4/16 streams
     python bench/engine.py --preset csm-1b --device cuda --dtype bf16 --streams 1,8,32,128 --no-peer --floor
+    python bench/engine.py --preset csm-1b --op-count          # aten ops per frame step, then exit
 
 Two arrival patterns: "together" (every stream arrives at once: the peer's best case, one static batch)
 and "staggered" (a stream every --arrival-gap seconds, as conversations really start). The peer is used
@@ -13,7 +14,9 @@ Columns: aggregate frames/s over all streams; per-stream real-time factor once s
 compute per 80 ms frame: below 1 is faster than real time); mean time to first frame from arrival. For
 our engine also the steady frame step time (median over pure frame steps with every stream in the
 batch). `--floor` adds the memory-bandwidth floor: bytes of parameters read per frame divided by measured
-device copy bandwidth. Needs only torch and transformers (no Ray), with the repository on PYTHONPATH.
+device copy bandwidth. `--op-count` counts the aten ops one frame step dispatches (the preset built on the
+`meta` device: real shapes, no compute) and exits. Needs only torch and transformers (no Ray), with the
+repository on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -202,6 +207,57 @@ def bandwidth_floor_ms(model: CSM, device: torch.device) -> tuple[float, float, 
     return per_frame / 1e9, gbps, per_frame / 1e9 / gbps * 1000
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched, by name; `views` counts those that only alias an input (no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.views: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if func.is_view and _aliases(out, args):  # `to`, `reshape`, ... may alias or copy
+            self.views[name] += 1
+        return out
+
+
+def _aliases(out, args) -> bool:
+    storage = lambda t: t.untyped_storage()._cdata  # noqa: E731  (meta tensors have storages too)
+    inputs = {storage(t) for t in args if isinstance(t, torch.Tensor)}
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return all(isinstance(o, torch.Tensor) and storage(o) in inputs for o in outs)
+
+
+def frame_ops(name: str, dtype: torch.dtype, streams: int, static_shapes: bool) -> _OpCounter:
+    """The ops of one frame step (`Engine._frame`, the body of a CUDA graph) of `streams` streams, for the
+    preset built on the `meta` device: the real shapes, no weights, no compute, the ops a GPU would run
+    (no CPU prepacking, no CPU-only casts)."""
+    with torch.device("meta"):
+        model = CSM(preset(name)).to(dtype)
+    model.init_buffers("meta")
+    engine = Engine(model, EngineConfig(max_slots=streams, cuda_graphs=False)).setup()
+    # Eager: the batch's own largest top_k, every row sampled; static: the bucketed shapes' full k_max.
+    k_max, mode = (model.args.audio_vocab_size, "mixed") if static_shapes else (TOP_K, "sample")
+    counter = _OpCounter()
+    with torch.inference_mode(), counter:
+        engine._frame(streams, 256, k_max, mode)
+    return counter
+
+
+def print_op_counts(name: str, dtype: torch.dtype, streams: int) -> None:
+    for static in (False, True):
+        c = frame_ops(name, dtype, streams, static)
+        kernels = c.ops - c.views
+        print(
+            f"aten ops per frame: {kernels.total()} ({'static shapes' if static else 'eager'}; "
+            f"{c.ops.total()} with views; {name} on meta, {dtype}, {streams} streams)"
+        )
+        print("  " + ", ".join(f"{n.removeprefix('aten.')} {k}" for n, k in kernels.most_common(16)))
+
+
 def best_of(repeats: int, run) -> dict:
     """Each measure at its best over the runs: the highest frames/s, the lowest times. This machine is
     shared and noise only ever slows a run down, often in one phase only (a run slowed while prefilling
@@ -226,9 +282,17 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also report the memory-bandwidth floor")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="prompt rows per prefill step")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run the frame step eagerly on CUDA")
+    ap.add_argument(
+        "--op-count",
+        action="store_true",
+        help="print the aten ops of one frame step (on the meta device) and exit",
+    )
     a = ap.parse_args()
     device, dtype = torch.device(a.device), parse_dtype(a.dtype)
     streams = [int(s) for s in a.streams.split(",")]
+    if a.op_count:
+        print_op_counts(a.preset, dtype, max(streams))
+        return
     torch.manual_seed(0)
     t_build = time.perf_counter()
     ours, hf = build_pair(a.preset, device, dtype, peer=not a.no_peer)

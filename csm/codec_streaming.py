@@ -17,9 +17,11 @@ Streaming contract (for `StreamingDecoder` and `StreamingEncoder`):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +37,7 @@ from transformers.models.mimi.modeling_mimi import (
 )
 
 from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, MimiCodec, MimiParts, rotary
+from csm.host import to_host
 
 # Frames of codes replayed into a fresh slot to rebuild a lost decoder state (`StreamingDecoder.recover`).
 # Measured with `bench/codec.py --recovery --threads 1 --preset {tiny,mimi}`: SNR (dB, mean / min of 4
@@ -195,8 +198,10 @@ def _run_active(step, state: Any, active: Tensor, x: Tensor, *args: Any) -> Tens
     So gather the active slots' state, run them alone, and scatter it back. Output rows of inactive
     slots are zeros, as the masked path gives.
     """
+    if x.device.type == "cuda":  # first: `nonzero` would wait for the device to know the row count
+        return step(state, x, active, *args)
     rows = active.nonzero()[:, 0]
-    if rows.numel() == 0 or rows.numel() * 2 > active.numel() or x.device.type == "cuda":
+    if rows.numel() == 0 or rows.numel() * 2 > active.numel():
         return step(state, x, active, *args)
     part = _take_rows(state, rows)
     out_rows = step(part, x.index_select(0, rows), torch.ones_like(rows, dtype=torch.bool), *args)
@@ -273,7 +278,8 @@ def _conv_step(conv: MimiConv1d, state: _ConvState, x: Tensor, active: Tensor, f
         context = torch.where(state.fresh[:, None, None], x[..., :1].expand_as(context), context)
     full = torch.cat([context, x], dim=-1)
     if final:
-        extra = int(conv._get_extra_padding_for_conv1d(x))
+        # transformers' `_get_extra_padding_for_conv1d`, in ints: its tensor form would cost a host sync.
+        extra = -x.shape[-1] % conv.conv.stride[0]
         full = F.pad(full, (0, extra), mode="replicate" if state.replicate else "constant")
     else:
         keep = full[..., full.shape[-1] - context.shape[-1] :]
@@ -465,6 +471,43 @@ class StreamingDecoder:
             _decode_chunk(
                 self.codec.parts, view, tail[None, :, start : start + self.max_frames_per_step], active
             )
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    """One stream's next frames, for `decode_pcm16`."""
+
+    slot: int
+    codes: np.ndarray  # [k, 32] integer codes
+    fresh: bool  # reset the slot first (a new stream, or one whose state this decoder lost)
+    history: np.ndarray | None = None  # [n, 32]: the frames before `codes`, replayed into a fresh state
+
+
+def decode_pcm16(decoder: StreamingDecoder, chunks: Sequence[DecodeChunk]) -> list[np.ndarray]:
+    """PCM16 audio ([k * 1920] int16) of each chunk, in order.
+
+    One batched step per distinct chunk length (usually one); its audio is converted to int16 on the
+    codec's device and copied to the host once for the whole group (`csm.host.to_host`)."""
+    for c in chunks:
+        if c.history is not None and len(c.history):
+            decoder.recover(c.slot, torch.from_numpy(c.history.T.astype(np.int64)))
+        elif c.fresh:
+            decoder.open(c.slot)
+    results: list[np.ndarray | None] = [None] * len(chunks)
+    for k in sorted({c.codes.shape[0] for c in chunks}):
+        group = [i for i, c in enumerate(chunks) if c.codes.shape[0] == k]
+        slots = [chunks[i].slot for i in group]
+        codes = torch.zeros(decoder.num_slots, NUM_CODEBOOKS, k, dtype=torch.long)  # host: one copy over
+        for i in group:
+            codes[chunks[i].slot] = torch.from_numpy(chunks[i].codes.T.astype(np.int64))
+        advance = torch.zeros(decoder.num_slots, dtype=torch.bool)
+        advance[slots] = True
+        pcm = decoder.step(codes, advance)  # [S, k * 1920] float, on the codec's device
+        rows = pcm[torch.tensor(slots)]  # [len(group), k * 1920]: the index goes over with the op
+        audio = to_host((rows.clamp(-1, 1) * 32767).round().to(torch.int16))
+        for j, i in enumerate(group):
+            results[i] = audio[j]
+    return results
 
 
 def _one_slot(slot: int, num_slots: int, device: torch.device) -> Tensor:

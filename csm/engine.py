@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csm.host import to_host
 from csm.model import CSM, CacheView
 from csm.presets import ModelArgs
-from csm.sampling import Mode, sample, sampling_inputs
+from csm.sampling import MAX_TOP_K, Mode, sample, sampling_inputs
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class SamplingParams:
     def validated(self, vocab: int) -> SamplingParams:
         if not (self.temperature >= 0 and self.temperature < float("inf")):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= vocab:
-            raise ValueError(f"top_k must be an integer in [1, {vocab}], got {self.top_k!r}")
+        top = min(vocab, MAX_TOP_K)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= top:
+            raise ValueError(f"top_k must be an integer in [1, {top}], got {self.top_k!r}")
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
             raise ValueError(f"seed must be an integer in [0, 2**62), got {self.seed!r}")
@@ -79,14 +81,19 @@ class EngineConfig:
     max_slots: int = 16
     prefill_chunk: int = 256  # prompt rows per prefill step, shared by the joiners it packs
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
-    # Frame steps with bucketed shapes (batch: powers of two; KV length: multiples of kv_bucket; full-vocab
-    # top-k; mixed sampling), as CUDA graphs need; always on with graphs. Without graphs it exists so
-    # tests can check that the padded shapes give the same codes as the exact ones.
+    # Frame steps with bucketed shapes (batch: powers of two; KV length: multiples of kv_bucket; top-k over
+    # MAX_TOP_K candidates; mixed sampling), as CUDA graphs need; always on with graphs. Without graphs it
+    # exists so tests can check that the padded shapes give the same codes as the exact ones.
     static_shapes: bool = False
     kv_bucket: int = 256
     prefix_cache: bool = True  # park finished sequences' KV for their key's next request; share prefixes
     host_cache_bytes: int = 0  # host-memory tier for evicted parked KV (pinned on CUDA); 0: none
     max_shared_prefixes: int = 8  # voice prefixes kept on the device, least recently used dropped
+
+
+def pinned(t: Tensor) -> Tensor:
+    """`t` in page-locked host memory, so that its copy to the device can be asynchronous."""
+    return t.pin_memory()
 
 
 def kv_bytes_per_row(args: ModelArgs, dtype: torch.dtype) -> int:
@@ -257,6 +264,7 @@ class Engine:
         self.cuda_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.static_shapes = self.cuda_graphs or self.config.static_shapes
         self._pin = self.device.type == "cuda"
+        self._k_max = min(MAX_TOP_K, self.args.audio_vocab_size)  # candidates per draw in a static frame
         self._lock = threading.Lock()
         self._seqs: dict[str, _Sequence] = {}  # every sequence not yet finished: pending, prefilling, active
         self._pending: deque[_Sequence] = deque()  # added, not yet placed in a slot
@@ -299,7 +307,7 @@ class Engine:
         # The depth decoder's positions are the same every frame: pass 1 covers 0..1, pass i covers i.
         dec = self.model.decoder
         self._decoder_rope = [None, dec.rope_at(torch.arange(2, device=dev)[None], self.dtype)] + [
-            dec.rope_at(torch.tensor([[i]], device=dev), self.dtype)
+            dec.rope_at(torch.arange(i, i + 1, device=dev)[None], self.dtype)
             for i in range(2, self.args.num_codebooks)
         ]
         if self.cuda_graphs:
@@ -320,7 +328,7 @@ class Engine:
     def _capture_graphs(self) -> None:
         # Every slot is inactive now, so warm-up runs leave no trace (see the module docstring).
         pool = torch.cuda.graph_pool_handle()
-        k_max = self.args.audio_vocab_size
+        k_max = self._k_max
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
@@ -644,7 +652,7 @@ class Engine:
         """A host tensor on the device without a synchronous copy (pinned and non-blocking on CUDA)."""
         if self.device.type == "cpu":
             return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return pinned(t).to(self.device, non_blocking=True)
 
     def _prefill(self, group: list[tuple[_Sequence, int]]) -> None:
         m, st = self.model, self._state
@@ -692,12 +700,13 @@ class Engine:
         last = seq.tokens.shape[0] - 1
         row_tokens, row_mask = self._to_device(seq.tokens[last]), self._to_device(seq.mask[last])
         st.next_input[i] = self.model.embed_rows(row_tokens, row_mask).to(self.dtype)
-        st.pos[i] = last
-        st.frame[i] = 0
-        st.temperature[i] = sp.temperature
-        st.top_k[i] = sp.top_k
-        st.seed[i] = sp.seed
-        st.active[i] = True
+        # Scalars as kernel arguments (`fill_`): no host tensor, no copy to wait for.
+        st.pos[i].fill_(last)
+        st.frame[i].fill_(0)
+        st.temperature[i].fill_(sp.temperature)
+        st.top_k[i].fill_(sp.top_k)
+        st.seed[i].fill_(sp.seed)
+        st.active[i].fill_(True)
         seq.active = True
         with self._lock:
             self._prefill_queue.remove(seq)
@@ -713,12 +722,12 @@ class Engine:
             if graph is not None:
                 graph.replay()
             else:
-                self._frame(b, kv, self.args.audio_vocab_size, "mixed")
+                self._frame(b, kv, self._k_max, "mixed")
         else:
             greedy = [s.sampling.temperature == 0 for s in active]
             mode: Mode = "greedy" if all(greedy) else "sample" if not any(greedy) else "mixed"
             self._frame(hi, kv_len, max(s.sampling.top_k for s in active), mode)
-        codes = self._state.codes[:hi].cpu().numpy()  # the one host sync per frame
+        codes = to_host(self._state.codes[:hi])  # the one host sync per frame
         self.stats.frame_steps += 1
         self.stats.batch_sizes.append(len(active))
         self.stats.step_seconds.append(time.perf_counter() - start)

@@ -44,6 +44,16 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def dtype_for(capability: tuple[int, int] | None) -> torch.dtype:
+    """The compute dtype for a device, given its CUDA compute capability (None: not a CUDA device).
+
+    bf16 from sm_80 (Ampere) up, where tensor cores run it; fp16 below: a T4 (sm_75) has fp16 tensor
+    cores only, and bf16 there runs without them. Off CUDA, fp32 (the CPU kernels' fastest and exact)."""
+    if capability is None:
+        return torch.float32
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: CSM

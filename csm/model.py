@@ -4,7 +4,10 @@ Modules and math only. KV caches are plain tensors owned by the caller (the engi
 no per-sequence state; every forward says which cache rows it reads and which positions it writes.
 
 Conventions: RoPE uses the rotate-half layout (transformers'); original Sesame checkpoints store q/k in
-the interleaved layout and are permuted on load (`csm.loading`).
+the interleaved layout and are permuted on load (`csm.loading`). RoPE is one matmul per layer with a
+rotation matrix that also carries the attention scale: queries and keys both leave it multiplied by
+head_dim**-0.25, so q·k comes out already scaled (no scale op, and no unscaled product to overflow fp16);
+the KV caches hold keys scaled that way.
 """
 
 from __future__ import annotations
@@ -67,26 +70,40 @@ class PackedWeights:
             and (self.version is None or source._version == self.version)
         )
 
-    def linear(self, x: Tensor, i: int = 0) -> Tensor:
+    def linear(self, x: Tensor, i: int = 0, residual: Tensor | None = None) -> Tensor:
+        if residual is not None:  # oneDNN adds it in the matmul's epilogue
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weights[i], None, "add")
         return torch.ops.mkldnn._linear_pointwise(x, self.weights[i], None, "none", [], "")
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs from a prepacked weight on CPU once `pack_cpu` is called (see PackedWeights)."""
+    """nn.Linear that runs from a prepacked weight on CPU once `pack_cpu` is called (see PackedWeights),
+    and can add a residual inside its matmul (one op where linear-then-add is two)."""
 
     packed: PackedWeights | None = None
 
     def pack_cpu(self) -> None:
         self.packed = PackedWeights.of(self.weight, [self.weight], self.packed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """`residual + x @ weight.T (+ bias)`; x: [..., in], residual: [..., out] or None."""
         # Only a CPU weight is ever packed, and a weight moved since no longer matches.
         if self.packed is not None and self.packed.matches(self.weight):
-            return self.packed.linear(x)
-        return super().forward(x)
+            return self.packed.linear(x, residual=residual)
+        if residual is None:
+            return super().forward(x)
+        if self.bias is not None:
+            return residual + super().forward(x)
+        flat = torch.addmm(
+            residual.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.weight.T
+        )
+        return flat.view(residual.shape)
 
 
 class RMSNorm(nn.Module):
+    """F.rms_norm: it squares and averages in fp32 whatever the input dtype (a 16-bit input is upcast
+    inside the op), so fp16 activations whose squares exceed fp16's range normalise correctly."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -115,18 +132,35 @@ def rope_inv_freq(args: TransformerArgs) -> Tensor:
 
 
 def rope_table(args: TransformerArgs, n_positions: int) -> Tensor:
-    """cos and signed sin (see `apply_rope`) for every position, fp32: [n_positions, 2, head_dim]."""
+    """cos and signed sin (see `rope_rotation`) for every position, fp32: [n_positions, 2, head_dim]."""
     freqs = torch.arange(n_positions, dtype=torch.float32)[:, None] * rope_inv_freq(args)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     sin = emb.sin()
-    sin[:, : sin.shape[1] // 2] *= -1  # signed for `apply_rope`
+    sin[:, : sin.shape[1] // 2] *= -1  # signed: rotate_half(x) * sin == roll(x, D/2) * sin_signed
     return torch.stack([emb.cos(), sin], dim=1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """Rotate-half RoPE. x: [B, H, T, D]; cos, sin_signed: [B or 1, 1, T, D], the sine's first half
-    negated, so that roll(x, D/2) * sin_signed == rotate_half(x) * sin."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+def rope_rotation(cos_sin: Tensor) -> Tensor:
+    """[..., 2, D] (cos, signed sin) -> [..., D, D] R with `x @ R == rotate_half_rope(x)`.
+
+    Rotate-half RoPE is out = x * cos + roll(x, D/2) * sin_signed: each output j mixes x_j and
+    x_{j -+ D/2}, so R has cos on the diagonal and the signed sine D/2 rows off it. One matmul with R
+    replaces a roll and three elementwise ops in every layer; R is built once per forward.
+    """
+    cos, sin = cos_sin.unbind(-2)  # [..., D] each
+    return torch.diag_embed(cos) + torch.diag_embed(sin).roll(cos.shape[-1] // 2, dims=-2)
+
+
+def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+    """x: [B, T, N, D] (N heads); rotation: [B or 1, T, D, D] from `Transformer.rope_at` -> [B, T, N, D].
+
+    A bmm over (row, token) pairs: both reshapes are views (x is a slice of the qkv projection, rows of
+    one token contiguous; a rotation shared by every row is a stride-0 expand), where `x @ rotation` would
+    copy the broadcast rotations first.
+    """
+    b, t, n, d = x.shape
+    rot = rotation.expand(b, t, d, d).reshape(b * t, d, d)
+    return torch.bmm(x.reshape(b * t, n, d), rot).view(b, t, n, d)
 
 
 @dataclass
@@ -156,38 +190,49 @@ class CacheView:
             raise ValueError("a span write needs contiguous rows")
 
     def update(self, cache: Tensor, new: Tensor) -> Tensor:
-        """Write `new` ([B, Hkv, T, D]) into `cache` ([S, Hkv, T_max, D]); return the keys to attend."""
+        """Write `new` ([B, T, Hkv, D]) into `cache` ([S, Hkv, T_max, D]); return the keys to attend."""
         if isinstance(self.write, int):
-            cache[self.rows, :, self.write : self.write + new.shape[2]] = new
-        else:
-            # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
-            cache[self.row_index, :, self.write] = new.transpose(1, 2)
+            rows = cache[self.rows]  # a view: rows are a slice here
+            rows[:, :, self.write : self.write + new.shape[1]] = new.transpose(1, 2)
+            return rows[:, :, : self.kv_len]
+        # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
+        cache[self.row_index, :, self.write] = new
         return cache[self.rows, :, : self.kv_len]
 
 
-def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def grouped_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None
+) -> Tensor:
     """Attention for one query token per row, GQA without repeating keys: q [B, H, 1, D], k and v
-    [B, Hkv, L, D], mask [B, 1, 1, L] bool or None -> [B, H, 1, D].
+    [B, Hkv, L, D], mask [B, 1, 1, L] bool or None -> [B, H, 1, D]. `scale` defaults to D**-0.5.
 
     Each key/value head is read once for its whole group of query heads (a batched matmul), where SDPA's
     GQA path with a mask materialises the keys once per query head (on CUDA, and on CPU too, where that
-    copy was ~7% of the batched frame step).
+    copy was ~7% of the batched frame step). Everything stays in the inputs' dtype: q is scaled before
+    the product, so in fp16 the scores cannot overflow unless the scaled ones would, and softmax
+    accumulates in fp32 inside the kernel for 16-bit inputs (a cast each way would add two ops per layer
+    and no precision: the product is rounded to the model dtype either way).
     """
     b, h, _, d = q.shape
     hkv = k.shape[1]
-    scores = (q.view(b, hkv, h // hkv, d) @ k.transpose(-1, -2)).float() * d**-0.5  # [B, Hkv, G, L]
+    scale = d**-0.5 if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
+    scores = q.view(b, hkv, h // hkv, d) @ k.transpose(-1, -2)  # [B, Hkv, G, L]
     if mask is not None:
-        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)
+        scores = torch.where(mask.view(b, 1, 1, -1), scores, float("-inf"))
+    return (scores.softmax(-1) @ v).view(b, h, 1, d)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # The CPU kernel is ~4x slower in 16-bit than in fp32 at decode shapes; fp32 is also more exact.
-        return _attention(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+        return _attention(q.float(), k.float(), v.float(), mask, causal, scale).to(q.dtype)
     if q.shape[2] == 1:
-        return grouped_decode_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return grouped_decode_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
 
 
 class Attention(nn.Module):
@@ -199,24 +244,30 @@ class Attention(nn.Module):
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def write_cache(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
+        self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, view: CacheView
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Project x and write its keys and values; return (rotated queries, keys to attend, values)."""
         b, t, _ = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, : h + hkv], *rope)  # q and k rotated together
-        keys = view.update(k_cache, qk[:, h:])
-        values = view.update(v_cache, qkv[:, h + hkv :])
-        return qk[:, :h], keys, values
+        qk, v = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).split([h + hkv, hkv], dim=2)
+        q, k = apply_rope(qk, rope).split([h, hkv], dim=2)  # q and k rotated (and scaled) together
+        return q.transpose(1, 2), view.update(k_cache, k), view.update(v_cache, v)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
+        self,
+        x: Tensor,
+        rope: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        view: CacheView,
+        residual: Tensor | None = None,
     ) -> Tensor:
+        """`residual + attention(x)` (the residual is added inside the output projection's matmul)."""
         b, t, _ = x.shape
         q, keys, values = self.write_cache(x, rope, k_cache, v_cache, view)
-        out = _attention(q, keys, values, view.mask, causal=view.mask is None and t > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        # q and k each carry head_dim**-0.25 (see `Transformer.rope_at`): the product is already scaled.
+        out = _attention(q, keys, values, view.mask, causal=view.mask is None and t > 1, scale=1.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), residual)
 
 
 class MLP(nn.Module):
@@ -225,9 +276,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.down_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, residual)
 
 
 class Block(nn.Module):
@@ -239,8 +290,8 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x, rope, k_cache, v_cache, view: CacheView) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, k_cache, v_cache, view)
-        return x + self.mlp(self.mlp_norm(x))
+        x = self.attn(self.attn_norm(x), rope, k_cache, v_cache, view, residual=x)
+        return self.mlp(self.mlp_norm(x), residual=x)
 
 
 class Transformer(nn.Module):
@@ -255,25 +306,23 @@ class Transformer(nn.Module):
         self.init_buffers()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        # +1 position: the scratch column that absorbs writes that must leave no trace.
-        self.rope = rope_table(self.args, self.args.max_seq_len + 1).to(device)
+        # +1 position: the scratch column that absorbs writes that must leave no trace. Scaled by
+        # head_dim**-0.25 for queries and keys alike (see the module docstring).
+        table = rope_table(self.args, self.args.max_seq_len + 1) * self.args.head_dim**-0.25
+        self.rope = table.to(device)
 
-    def rope_at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and signed sin for `positions` ([B, T]) shaped [B, 1, T, D], for `forward`."""
-        cs = self.rope[positions].to(dtype)  # [B, T, 2, D]
-        return cs[:, None, :, 0], cs[:, None, :, 1]
+    def rope_at(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """The RoPE rotations for `positions` ([B, T]), [B, T, D, D] in `dtype`, for `forward`: built in
+        fp32 and cast once, scaled by head_dim**-0.25 (see the module docstring)."""
+        return rope_rotation(self.rope[positions]).to(dtype)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, view: CacheView) -> Tensor:
         # x: [B, T, dim]; rope: from `rope_at`; caches: [L, S, Hkv, T_max, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, k_cache[i], v_cache[i], view)
         return self.norm(x)
 
-    def fill_cache(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, view: CacheView
-    ) -> None:
+    def fill_cache(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, view: CacheView) -> None:
         """`forward` for rows whose outputs nobody reads (a prefill): only the caches are written, so the
         last layer stops at its keys and values (its attention, MLP and the final norm are skipped)."""
         *body, last = self.layers
@@ -330,7 +379,9 @@ class CSM(nn.Module):
         return self.audio_embeddings(codes + self.codebook_offsets).sum(-2)
 
     def embed_audio(self, codebook: int, codes: Tensor) -> Tensor:
-        return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
+        # codes: [...] -> [..., dim], from codebook's rows of the shared table (a view: no offset add)
+        v = self.args.audio_vocab_size
+        return F.embedding(codes, self.audio_embeddings.weight.narrow(0, codebook * v, v))
 
     def codebook_logits(self, codebook: int, h: Tensor) -> Tensor:
         # h: [B, decoder dim] -> [B, V]

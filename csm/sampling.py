@@ -3,7 +3,11 @@ whatever else shares its batch (no global RNG state, no host sync).
 
 The noise for (seed, step, rank) comes from an integer hash, so row b's draw depends only on its own seed,
 step and logits. Gumbel-max over the top-k `logits / T + g` samples the same distribution as the
-reference's `argmax(softmax(top_k(logits) / T) / Exp(1))`.
+reference's `argmax(softmax(top_k(logits) / T) / Exp(1))`; it is computed as `logits + T * g`, which has
+the same argmax for T > 0, so that everything but the logits is prepared once per frame.
+
+Candidates are at most the `MAX_TOP_K` best logits: a frame draws 32 times from 2051 codes, and sorting
+and hashing all of them when no request may ask for more than a few hundred is wasted work.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from torch import Tensor
 
 _M32 = 0xFFFFFFFF
+
+MAX_TOP_K = 256  # the largest top_k a request may ask for; SamplingParams validates against it
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -44,10 +50,8 @@ Mode = Literal["sample", "greedy", "mixed"]
 class SamplingInputs:
     """What every draw of one frame needs, computed once per frame instead of once per codebook."""
 
-    temperature: Tensor  # [B]
-    inv_temperature: Tensor  # [B, 1]
-    outside: Tensor  # [B, k_max] bool: ranks beyond each row's top_k
-    gumbel: Tensor | None  # [B, N, k_max]: noise for step n, rank r (None when every row is greedy)
+    sampled: Tensor  # [B] bool: rows with temperature > 0 (the others are greedy)
+    noise: Tensor | None  # [B, N, k_max]: T * Gumbel noise for step n, rank r; -inf past each row's top_k
     k_max: int
     mode: Mode  # rows all sampled, all greedy, or mixed (the host knows; a CUDA graph says "mixed")
 
@@ -55,17 +59,18 @@ class SamplingInputs:
 def sampling_inputs(
     temperature: Tensor, top_k: Tensor, seed: Tensor, first_step: Tensor, n_steps: int, k_max: int, mode: Mode
 ) -> SamplingInputs:
-    """temperature: [B] (0 = greedy); top_k: [B] in [1, k_max]; seed, first_step: [B] int64."""
-    steps = first_step[:, None] + torch.arange(n_steps, device=seed.device)
-    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return SamplingInputs(
-        temperature=temperature,
-        inv_temperature=(1.0 / safe_t)[:, None],
-        outside=torch.arange(k_max, device=seed.device)[None, :] >= top_k[:, None],
-        gumbel=None if mode == "greedy" else -torch.log(-torch.log(uniform_noise(seed, steps, k_max))),
-        k_max=k_max,
-        mode=mode,
-    )
+    """temperature: [B] (0 = greedy); top_k: [B] in [1, k_max]; seed, first_step: [B] int64.
+
+    `k_max` is capped at MAX_TOP_K. The noise is keyed by rank, so a row whose top_k fits draws the same
+    whatever k_max the batch uses."""
+    k_max = min(k_max, MAX_TOP_K)
+    noise = None
+    if mode != "greedy":
+        steps = first_step[:, None] + torch.arange(n_steps, device=seed.device)
+        gumbel = -torch.log(-torch.log(uniform_noise(seed, steps, k_max)))  # [B, N, k_max]
+        outside = torch.arange(k_max, device=seed.device) >= top_k[:, None]  # [B, k_max]
+        noise = (gumbel * temperature[:, None, None]).masked_fill(outside[:, None], float("-inf"))
+    return SamplingInputs(sampled=temperature > 0, noise=noise, k_max=k_max, mode=mode)
 
 
 def sample(logits: Tensor, inputs: SamplingInputs, n: int) -> Tensor:
@@ -73,13 +78,12 @@ def sample(logits: Tensor, inputs: SamplingInputs, n: int) -> Tensor:
 
     Gumbel-max over the top-k candidates samples softmax(logits / T) restricted to the top k. The noise is
     keyed by rank, so a row's draw depends only on its own seed, step and logits, never on the batch.
+    Logits stay in the model's dtype: adding the fp32 noise upcasts them exactly, and the order is the same.
     """
-    logits = logits.float()
     if inputs.mode == "greedy":
         return logits.argmax(-1)
     vals, idx = torch.topk(logits, inputs.k_max, dim=-1)  # [B, k_max], descending
-    scores = (vals * inputs.inv_temperature + inputs.gumbel[:, n]).masked_fill(inputs.outside, float("-inf"))
-    drawn = idx.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
+    drawn = idx.gather(-1, (vals + inputs.noise[:, n]).argmax(-1, keepdim=True))[:, 0]
     if inputs.mode == "sample":
         return drawn
-    return torch.where(inputs.temperature > 0, drawn, logits.argmax(-1))
+    return torch.where(inputs.sampled, drawn, logits.argmax(-1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,8 +19,8 @@ from ray import serve
 from ray.serve import metrics
 
 from csm.codec import NUM_CODEBOOKS
-from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder
-from deployments.streams import CodecConfig, CodecReplica, Stream
+from csm.codec_streaming import RECOVERY_FRAMES, DecodeChunk, StreamingDecoder, decode_pcm16
+from deployments.streams import CodecConfig, CodecReplica
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +29,6 @@ __all__ = ["RECOVERY_FRAMES", "AudioDecoder", "DecoderConfig"]
 
 class DecoderConfig(CodecConfig):
     max_frames_per_call: int = Field(4, ge=1, le=16)
-
-
-@dataclass
-class _Chunk:
-    stream: Stream
-    codes: np.ndarray  # [k, 32]
-    fresh: bool  # the slot's state must be reset first (a new stream, or one this replica lost)
-    history: np.ndarray | None  # [n, 32]: the frames before `codes`, replayed into a fresh state
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -78,7 +69,7 @@ class AudioDecoder(CodecReplica):
         replay = (
             self._check_codes(history, "history")[-RECOVERY_FRAMES:] if needs_state and start > 0 else None
         )
-        chunk = _Chunk(stream, codes, needs_state, replay)
+        chunk = DecodeChunk(stream.slot, codes, needs_state, replay)
         stream.position = start + codes.shape[0]
         return await self.loop.submit(chunk)
 
@@ -88,28 +79,10 @@ class AudioDecoder(CodecReplica):
         if stream is not None:
             self.decoder.close(stream.slot)
 
-    def _step(self, chunks: Sequence[_Chunk]) -> list[np.ndarray | BaseException]:
-        """Worker thread: one Mimi step per group of chunks of equal length (usually one group)."""
-        results: dict[int, np.ndarray | BaseException] = {}
+    def _step(self, chunks: Sequence[DecodeChunk]) -> list[np.ndarray]:
+        """Worker thread: the batch's chunks decoded together (see `decode_pcm16`)."""
         with torch.inference_mode():
-            for c in chunks:
-                if c.history is not None and len(c.history):
-                    self.decoder.recover(c.stream.slot, torch.from_numpy(c.history.T.astype(np.int64)))
-                elif c.fresh:
-                    self.decoder.open(c.stream.slot)
-            for k in sorted({c.codes.shape[0] for c in chunks}):
-                group = [i for i, c in enumerate(chunks) if c.codes.shape[0] == k]
-                codes = torch.zeros(self.decoder.num_slots, NUM_CODEBOOKS, k, dtype=torch.long)
-                advance = torch.zeros(self.decoder.num_slots, dtype=torch.bool)
-                for i in group:
-                    slot = chunks[i].stream.slot
-                    codes[slot] = torch.from_numpy(chunks[i].codes.T.astype(np.int64))
-                    advance[slot] = True
-                pcm = self.decoder.step(codes, advance)
-                for i in group:
-                    audio = pcm[chunks[i].stream.slot].clamp(-1, 1)
-                    results[i] = (audio * 32767).round().to(torch.int16).numpy()
-        return [results[i] for i in range(len(chunks))]
+            return decode_pcm16(self.decoder, chunks)
 
     def info(self) -> dict:
         return {**super().info(), "recoveries": self.recoveries}

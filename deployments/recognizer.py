@@ -30,7 +30,8 @@ from torch import Tensor
 from torchaudio.transforms import Resample
 
 from csm.audio import SAMPLE_RATE, resample
-from deployments.weights import set_torch_threads
+from csm.host import to_host
+from deployments.weights import pick_dtype, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,8 @@ class WhisperTranscriber:
                 attention_mask=features.attention_mask.to(self._device),
                 **kwargs,
             )
-        return [text.strip() for text in self._processor.batch_decode(tokens, skip_special_tokens=True)]
+        texts = self._processor.batch_decode(to_host(tokens), skip_special_tokens=True)
+        return [text.strip() for text in texts]
 
 
 def make_transcriber(
@@ -407,8 +409,8 @@ class SpeechRecognizer:
         batch_wait_timeout_s: float = 0.01,
     ) -> None:
         set_torch_threads(None)  # CSM_TORCH_THREADS, default 1: replicas share the machine's cores
-        device = "cuda" if backend == "whisper" and torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
+        device = torch.device("cuda" if backend == "whisper" and torch.cuda.is_available() else "cpu")
+        dtype = pick_dtype("auto", device)
         self.transcriber = make_transcriber(backend, whisper_path, device=device, dtype=dtype)
         self.backend = backend
         self.options = RecognizerOptions(

@@ -18,6 +18,7 @@ import torch
 from ray import serve
 
 from csm.codec_streaming import StreamingEncoder
+from csm.host import to_host_each
 from deployments.streams import CodecConfig, CodecReplica, Stream
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,6 @@ class AudioTokenizer(CodecReplica):
                 codes = ready[p.stream.slot]
                 if p.final:
                     codes = torch.cat([codes, self.encoder.flush(p.stream.slot)], dim=-1)
-                out.append(codes.T.to(torch.int16).cpu().numpy())
+                out.append(codes.T.to(torch.int16))
                 ready[p.stream.slot] = codes[:, :0]  # a stream pushed twice in one batch gets its codes once
-        return out
+        return to_host_each(out)  # one device-to-host copy for the whole batch

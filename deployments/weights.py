@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from csm.codec import MimiCodec, load_codec, random_codec
-from csm.loading import load_model, parse_dtype, random_model
+from csm.loading import dtype_for, load_model, parse_dtype, random_model
 from csm.model import CSM
 from csm.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 
@@ -38,8 +38,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The named dtype; for "auto", `csm.loading.dtype_for` the device (bf16 from sm_80, fp16 below it,
+    fp32 off CUDA)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return dtype_for(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     return parse_dtype(name)
 
 

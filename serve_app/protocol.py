@@ -42,8 +42,9 @@ ever shadowed::
     {"type": "session.update", "session": {"x-sampling":
         {"temperature": 0.9, "top_k": 50, "seed": 7, "max_reply_seconds": 30}}}
 
-``temperature`` 0–2, ``top_k`` 1–2051 (CSM's audio vocabulary), ``seed`` a non-negative 63-bit
-integer or null (random), ``max_reply_seconds`` in (0, 120] (the server may clamp it further).
+``temperature`` 0–2, ``top_k`` 1–256 (the engine's `MAX_TOP_K` candidates per draw), ``seed`` a
+non-negative 63-bit integer or null (random), ``max_reply_seconds`` in (0, 120] (the server may clamp it
+further).
 
 Error codes (``error.code``; ``error.type`` is ``server_error`` for the server's own faults and
 ``invalid_request_error`` otherwise) are the :data:`ErrorCode` literals.
@@ -86,6 +87,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from csm.sampling import MAX_TOP_K
 
 SAMPLE_RATE = 24_000
 """Samples per second of all audio on the wire, both directions (Mimi's rate)."""
@@ -239,7 +242,7 @@ class Sampling(_ClientModel):
     """CSM's sampling knobs, our ``x-sampling`` extension (reference defaults: 0.9, top-50)."""
 
     temperature: float = Field(0.9, ge=0.0, le=2.0)
-    top_k: int = Field(50, ge=1, le=2051)
+    top_k: int = Field(50, ge=1, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_reply_seconds: float = Field(30.0, gt=0.0, le=120.0)
 

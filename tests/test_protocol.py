@@ -680,9 +680,9 @@ BAD: list[tuple[Any, str, str, str | None]] = [
         "session.x-sampling.top_k",
     ),
     (
-        {"type": "session.update", "session": {"x-sampling": {"top_k": 2052}}},
+        {"type": "session.update", "session": {"x-sampling": {"top_k": 257}}},
         "invalid_event",
-        "2051",
+        "256",
         "session.x-sampling.top_k",
     ),
     (
