@@ -1,25 +1,20 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one go (about 8 minutes at most), for a CUDA machine that has only torch and
-# transformers installed: the repository goes on PYTHONPATH, nothing is pip-installed, no Ray.
-#   bash bench/gpu.sh            # prints the tables that go into bench/RESULTS.md
+# GPU benchmarks in one lease and one run of at most 7 minutes (the timeouts below add up to 420 s), for a
+# CUDA machine that has only torch and transformers installed: the repository goes on PYTHONPATH, nothing
+# is pip-installed, no Ray. bench/gpu.py prints one table (engine bf16 and fp16 by batch and context, the
+# end-to-end smoke, Mimi fp32) and the conversation sweep (reuse on and off); see its docstring.
+#   bash bench/gpu.sh                  # the tables that go into bench/RESULTS.md
+#   GPU_DRY_RUN=1 bash bench/gpu.sh    # or --dry-run: the same code on CPU at tiny sizes (the test runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
-STREAMS="${STREAMS:-1,8,32,64,128}"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
-
-echo "== engine: csm-1b shape, random weights, bf16, CUDA graphs =="
-if ! timeout 330 "$PY" bench/engine.py --preset csm-1b --device cuda --dtype bf16 \
-        --streams "$STREAMS" --frames 48 --arrival-gap 0 --prefill-chunk 1024 --no-peer --floor; then
-    echo "== engine with CUDA graphs failed or timed out; the same run eagerly =="
-    timeout 150 "$PY" bench/engine.py --preset csm-1b --device cuda --dtype bf16 \
-        --streams 1,8,32 --frames 24 --arrival-gap 0 --prefill-chunk 1024 --no-peer --floor --no-cuda-graphs
+if [ "${GPU_DRY_RUN:-0}" = 1 ] || [ "${1:-}" = --dry-run ]; then
+    exec timeout 300 "$PY" bench/gpu.py --dry-run
 fi
 
-if [ -f bench/codec.py ]; then
-    echo "== codec: Mimi at real dims, random weights =="
-    timeout 90 "$PY" bench/codec.py --preset mimi --device cuda --dtype bfloat16 --streams 1,8,32,64
-fi
+# 10 s + 410 s = 420 s. The driver keeps to its own budget of 380 s (each section stops early to fit, the
+# conversation sweep gets what is left); the outer timeout is only the hard stop, with room for imports.
+timeout 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 410 "$PY" bench/gpu.py --budget-s 380
