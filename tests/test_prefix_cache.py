@@ -261,3 +261,26 @@ def test_slot_count_from_memory():
     assert per > kv_bytes_per_row(args, torch.bfloat16) * args.max_seq_len
     assert slots_for_memory(10 * per + 5, per) == 10
     assert slots_for_memory(0, per) == 1 and slots_for_memory(10**15, per, limit=64) == 64
+
+
+def test_auto_slots_fill_the_replicas_share_of_the_gpu(monkeypatch):
+    """`max_slots: auto` on CUDA: the replica's share of the device, less the weights already there and a
+    reserve, in slots (numbers as on a 16 GiB T4 with the generator's 0.6 share); elsewhere 8."""
+    from types import SimpleNamespace
+
+    from deployments.generator import auto_slots
+
+    from csm.presets import preset
+
+    args = preset("csm-1b")
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=16 * gib))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (13 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: int(2.4 * gib))
+    per = slot_bytes(args, torch.float16)
+    budget = int(0.6 * 16 * gib) - int(2.4 * gib) - gib
+    slots = auto_slots(args, torch.float16, torch.device("cuda"), 0.6)
+    assert slots == budget // per and 90 <= slots <= 100  # ~96 slots of 64 MiB, as the README says
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (2 * gib, 16 * gib))  # others took the rest
+    assert auto_slots(args, torch.float16, torch.device("cuda"), 0.6) == (gib // per)
+    assert auto_slots(args, torch.float16, torch.device("cpu"), None) == 8

@@ -39,6 +39,9 @@ async def test_health_ready_and_voices(app):
         ready = (await http.get("/readyz")).json()
         assert ready["ready"] and ready["random_weights"] and "RANDOM WEIGHTS" in ready["warning"]
         assert ready["weights"]["csm"] == "random tiny"
+        cache = ready["cache"]  # the generator's KV cache: its budget and use
+        assert cache["enabled"] and cache["slots"] == 12 and cache["kv_bytes_per_row"] > 0
+        assert cache["slot_rows"] == 2048 and cache["host_budget_bytes"] == 0
         voices = (await http.get("/v1/voices")).json()
         assert [v["id"] for v in voices["voices"]] == ["none", "narrator"]
         page = await http.get("/")
