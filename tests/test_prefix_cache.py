@@ -268,9 +268,8 @@ def test_auto_slots_fill_the_replicas_share_of_the_gpu(monkeypatch):
     reserve, in slots (numbers as on a 16 GiB T4 with the generator's 0.6 share); elsewhere 8."""
     from types import SimpleNamespace
 
-    from deployments.generator import auto_slots
-
     from csm.presets import preset
+    from deployments.generator import auto_slots
 
     args = preset("csm-1b")
     gib = 1 << 30
