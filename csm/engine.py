@@ -688,6 +688,7 @@ class Engine:
             self.stats.prefill_steps += 1
         for s, n in group:
             s.prefilled += n
+        for s, _ in group:  # after every count is current: an activation may move another joiner's rows
             if s.to_prefill == 0:
                 self._activate(s)
 

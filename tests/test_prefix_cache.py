@@ -283,3 +283,22 @@ def test_auto_slots_fill_the_replicas_share_of_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (2 * gib, 16 * gib))  # others took the rest
     assert auto_slots(args, torch.float16, torch.device("cuda"), 0.6) == (gib // per)
     assert auto_slots(args, torch.float16, torch.device("cpu"), None) == 8
+
+
+def test_an_activation_that_moves_a_joiner_keeps_the_rows_it_just_prefilled(model, builder):
+    """A new prompt and a conversation's next one prefill in the same step; the new one, done first,
+    moves down into the conversation's slot, and the rows the conversation prefilled in that very step
+    must move with it."""
+    engine = Engine(model, EngineConfig(max_slots=3, prefill_chunk=64))
+    talk = Talk(engine, builder, "conv", voice=False)
+    talk.person("hello there", 1)
+    talk.reply("first")  # parked in slot 0
+    short = builder.build([], 0, "hi", 8)
+    new = engine.add(short.tokens, short.mask, 3, GREEDY)  # slot 1: 0 is parked
+    talk.person("and a longer turn to prefill", 2)
+    p = talk.prompt("second")
+    rid = engine.add(p.tokens, p.mask, 6, GREEDY, cache_key="conv")  # reuses slot 0 in place
+    out = engine.run_to_completion()
+    assert engine.stats.relocations > 0
+    np.testing.assert_array_equal(np.stack(out[rid]), fresh(model, p, 6, GREEDY))
+    np.testing.assert_array_equal(np.stack(out[new]), fresh(model, short, 3, GREEDY))
