@@ -99,7 +99,7 @@ def pinned(t: Tensor) -> Tensor:
 def kv_bytes_per_row(args: ModelArgs, dtype: torch.dtype) -> int:
     """Backbone keys and values of one prompt row, every layer (32 KiB at csm-1b in bf16)."""
     b = args.backbone
-    return 2 * b.n_layers * b.n_kv_heads * b.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * b.n_layers * b.n_kv_heads * b.head_dim * dtype.itemsize
 
 
 def slot_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
@@ -563,14 +563,11 @@ class Engine:
         self.host_bytes += cached.nbytes
 
     def _restore(self, src: _Cached, slot: int, n: int) -> None:
-        """Copy the first n cached rows' KV into `slot`: from another slot, host memory or a prefix."""
+        """Copy the first n rows' KV kept outside the slots (host tier, shared prefix) into `slot` (a
+        parked slot is never copied from: its own key reuses it in place)."""
         st = self._state
-        if src.slot is not None:
-            st.k[:, slot, :, :n] = st.k[:, src.slot, :, :n]
-            st.v[:, slot, :, :n] = st.v[:, src.slot, :, :n]
-        else:
-            st.k[:, slot, :, :n].copy_(src.k[:, :, :n], non_blocking=self._pin)
-            st.v[:, slot, :, :n].copy_(src.v[:, :, :n], non_blocking=self._pin)
+        st.k[:, slot, :, :n].copy_(src.k[:, :, :n], non_blocking=self._pin)
+        st.v[:, slot, :, :n].copy_(src.v[:, :, :n], non_blocking=self._pin)
 
     def _keep_shared_prefix(self, seq: _Sequence) -> None:
         """Copy the sequence's shared-prefix rows out of its slot, unless the same rows are kept already."""
@@ -742,11 +739,11 @@ class Engine:
                 continue
             frame = codes[seq.slot].copy()
             seq.frames.append(frame)
+            self.stats.frames += 1
             ended = len(seq.frames) >= seq.max_frames
             events.append(self._event(seq, frame, done=ended, reason="max_frames" if ended else None))
             if ended:
                 done.append(seq)
-        self.stats.frames += len(active) - int(eos[[s.slot for s in active]].sum())
         for seq in sorted(done, key=lambda s: -s.slot):  # highest first: fewer moves to stay dense
             self._finish(seq)
         return events

@@ -38,17 +38,15 @@ def _content_key(segment: Segment) -> bytes | None:
     codes = segment.codes
     if isinstance(codes, Tensor):
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-            return None
+            return None  # (bfloat16 has no numpy type): `audio_rows` names the problem
         codes = codes.detach().cpu().numpy()
-    if not isinstance(segment.text, str) or isinstance(segment.speaker, bool):
+    if not isinstance(segment.text, str) or type(segment.speaker) is not int:
         return None
-    if not isinstance(segment.speaker, int) or (codes is not None and not isinstance(codes, np.ndarray)):
+    if codes is not None and not (isinstance(codes, np.ndarray) and np.issubdtype(codes.dtype, np.integer)):
         return None
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{segment.speaker}\x00{segment.text}\x00".encode())
     if codes is not None:
-        if not np.issubdtype(codes.dtype, np.integer):
-            return None
         h.update(str(codes.shape).encode())
         h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     return h.digest()

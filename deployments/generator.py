@@ -30,6 +30,7 @@ from csm.engine import (
     slot_bytes,
     slots_for_memory,
 )
+from csm.presets import ModelArgs
 from csm.prompt import PromptBuilder, Segment
 from deployments.weights import load_csm, pick_device, pick_dtype, set_torch_threads
 
@@ -73,9 +74,7 @@ class SpeechRequest:
     top_k: int = 50
     seed: int | None = None
     conversation_id: str | None = None  # whose cached rows to reuse (and the replica to route to)
-    voice: str | None = (
-        None  # the voice whose reference is `context[0]`: a prefix shared across conversations
-    )
+    voice: str | None = None  # whose reference is `context[0]`: a prefix shared across conversations
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class Frames:
     prompt: PromptUse | None = None
 
 
-def auto_slots(args, dtype: torch.dtype, device: torch.device, fraction: float | None) -> int:
+def auto_slots(args: ModelArgs, dtype: torch.dtype, device: torch.device, fraction: float | None) -> int:
     """Slots that fit in this replica's share of the GPU, after what it holds already (the weights), less
     a reserve for the CUDA graphs' activations; logged. CPU and other devices: 8."""
     if device.type != "cuda":

@@ -30,7 +30,7 @@ from deployments.generator import PromptUse, SpeechRequest
 from deployments.recognizer import SileroVad, TurnDetector, VadConfig
 from deployments.responder import ResponderError
 from serve_app import protocol as p
-from serve_app.history import HistoryStore, Turn
+from serve_app.history import HistoryStore, Turn, sentence_parts
 from serve_app.speech import InputStream, ReplyStream
 from serve_app.voices import VoiceLibrary
 
@@ -447,7 +447,8 @@ class Conversation:
                 request = SpeechRequest(
                     text=sentence,
                     speaker=ASSISTANT,
-                    context=history + _sentence_segments(spoken, audio.frames),
+                    # This reply's earlier sentences, so the voice and prosody carry on.
+                    context=history + _segments(ASSISTANT, sentence_parts(spoken, audio.codes())),
                     keep_first=1 if voice is not None else 0,
                     max_frames=min(frames_for(sentence), budget),
                     temperature=sampling.temperature,
@@ -547,24 +548,17 @@ class Conversation:
         for t in self.history:
             cached = self._segments.get(t.item_id)
             if cached is None or cached[0] != t.frames:  # new, or truncated since
-                speaker = ASSISTANT if t.role == "assistant" else PERSON
-                parts = [Segment(speaker, text.strip() or "...", c) for text, c in t.parts()]
-                cached = (t.frames, parts)
+                cached = (t.frames, _segments(ASSISTANT if t.role == "assistant" else PERSON, t.parts()))
             made[t.item_id] = cached
             segments += cached[1]
         self._segments = made  # turns trimmed from the history leave with it
         return segments
 
 
-def _sentence_segments(spoken: list[tuple[str, int]], frames: list[np.ndarray]) -> list[Segment]:
-    """This reply's earlier sentences, each its own segment with its frames, so the voice and prosody carry
-    on and the prompt extends the last sentence's."""
-    out, start = [], 0
-    for text, n in spoken:
-        codes = np.stack(frames[start : start + n]) if n else None
-        out.append(Segment(ASSISTANT, text, codes))
-        start += n
-    return out
+def _segments(speaker: int, parts: list[tuple[str, np.ndarray | None]]) -> list[Segment]:
+    """Context segments of one turn's parts: the same for a reply's sentences while it is spoken and once
+    it is in the history, so its rows are the same in both (the engine's cached prefix)."""
+    return [Segment(speaker, text.strip() or "...", codes) for text, codes in parts]
 
 
 def frames_for(sentence: str) -> int:

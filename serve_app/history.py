@@ -62,12 +62,7 @@ class Turn:
         """The turn as context segments: (text, codes or None), one per sentence for a reply."""
         if self.sentences is None:
             return [(self.text, self.codes if self.frames else None)]
-        out, start = [], 0
-        for text, n in self.sentences:
-            codes = None if self.codes is None or n == 0 else self.codes[start : start + n]
-            out.append((text, codes))
-            start += n
-        return out
+        return sentence_parts(self.sentences, self.codes)
 
     def to_json(self) -> dict:
         codes = None if self.codes is None else base64.b64encode(self.codes.astype("<i2").tobytes()).decode()
@@ -94,6 +89,17 @@ class Turn:
         if sentences is not None:
             sentences = [(str(text), int(n)) for text, n in sentences]
         return cls(d["item_id"], d["role"], d["text"], codes, d["started_at"], d["ended_at"], sentences)
+
+
+def sentence_parts(
+    sentences: list[tuple[str, int]], codes: np.ndarray | None
+) -> list[tuple[str, np.ndarray | None]]:
+    """A reply's sentences (text, frame count) with their slices of its frames ([frames, 32], or None)."""
+    out, start = [], 0
+    for text, n in sentences:
+        out.append((text, None if codes is None or n == 0 else codes[start : start + n]))
+        start += n
+    return out
 
 
 def check_conversation_id(conversation_id: str) -> str:

@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from deployments.generator import PromptUse
 from deployments.recognizer import load_vad_model
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
@@ -390,7 +391,7 @@ class ConversationIngress:
             self._cache = p.CacheBudget.of(infos[0]["cache"])
         return self._random
 
-    def _observe_prompts(self, uses) -> None:
+    def _observe_prompts(self, uses: list[PromptUse]) -> None:
         self._m_prefilled.observe(sum(u.prefilled for u in uses))
         self._m_reused.observe(sum(u.reused for u in uses))
 
