@@ -739,7 +739,7 @@ def details(s: RunStats) -> str:
 
 
 def report(args: argparse.Namespace, url: str, results: list[RunStats]) -> str:
-    app = f"its own app (serve_config.yaml) at {url}" if not args.url else url
+    app = f"its own app (serve_config.yaml, ASR {args.asr}) at {url}" if not args.url else url
     lines = [
         machine_line(),
         f"# date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {args.seconds:g} s per run, "
@@ -767,8 +767,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(port: int, history: str, token: str | None, max_conversations: int | None) -> dict:
-    """serve_config.yaml with our port, history folder, token and admission limit."""
+def demo_config(
+    port: int, history: str, token: str | None, max_conversations: int | None, asr: str = "streaming"
+) -> dict:
+    """serve_config.yaml with our port, history folder, token, admission limit and ASR mode."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
@@ -778,6 +780,7 @@ def demo_config(port: int, history: str, token: str | None, max_conversations: i
         ingress["token"] = token
     if max_conversations is not None:
         ingress["max_conversations"] = max_conversations
+    ingress["streaming_asr"] = asr == "streaming"
     return config
 
 
@@ -854,6 +857,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--url", type=loopback_url, help="a running app's ws://…/v1/realtime (loopback only)")
     ap.add_argument("--token", help="sent as ?token=; also the token of the app this script starts")
     ap.add_argument("--max-conversations", type=int, help="admission limit of the app this script starts")
+    ap.add_argument(
+        "--asr",
+        choices=("streaming", "end-of-turn"),
+        default="streaming",
+        help="the app this script starts: recognize turns while spoken (default), or once each has ended",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.seconds <= MAX_SECONDS:
         ap.error(f"--seconds must be in (0, {MAX_SECONDS}]")
@@ -878,7 +887,9 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or ""
     status = 0
     try:
-        url = args.url or start_app(demo_config(free_port(), history, args.token, args.max_conversations))
+        url = args.url or start_app(
+            demo_config(free_port(), history, args.token, args.max_conversations, args.asr)
+        )
         signal.signal(signal.SIGTERM, _stop_on_sigterm)  # again: ray.init installs its own
         asyncio.run(run_all(args, url, args.url is None, results))
     except Failure as e:  # the warm-up turn: nothing to measure if one person cannot talk

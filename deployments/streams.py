@@ -1,8 +1,9 @@
-"""What the two codec deployments share: per-stream slots on a replica, a loop that batches requests,
-and `CodecReplica`, their common part (config, Mimi, routing by stream id, batch limits, info).
+"""What the stream deployments share: per-stream slots on a replica, routing by stream id, a loop that
+batches requests, and `CodecReplica`, the two codec deployments' common part (config, Mimi, batch limits,
+info). The recognizer keeps its streams the same way.
 
-A codec stream (one person's turn being encoded, one reply being decoded) keeps state in a slot of this
-replica. Callers send every request of a stream with `multiplexed_model_id=<stream id>`, which makes
+A stream (one person's turn being encoded or recognized, one reply being decoded) keeps state in a slot
+of a replica. Callers send every request of a stream with `multiplexed_model_id=<stream id>`, which makes
 Serve route them to the replica that already holds that id; the stream itself carries its position
 (`start`), so a replica that lacks the state (restarted, evicted, or routed to under pressure) notices
 and rebuilds it instead of producing wrong audio.
@@ -77,6 +78,9 @@ class StreamTable:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def __contains__(self, stream_id: str) -> bool:  # without touching the LRU order
+        return stream_id in self._streams
+
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -148,7 +152,24 @@ class BatchOptions(BaseModel):
     max_batch_size: int = Field(32, ge=1)
 
 
-class CodecReplica:
+class StreamRouting:
+    """Per-stream affinity for a deployment that keeps stream state: a request names its stream with
+    `multiplexed_model_id`, and Serve routes it to the replica that already holds that id."""
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
+    async def _route(self, stream_id: str) -> str:
+        return stream_id  # routing affinity only: the state lives in the replica's stream table
+
+    async def _stream_id(self, call: str) -> str:
+        """The request's stream id (its multiplexed model id), registered for Serve's routing."""
+        stream_id = serve.get_multiplexed_model_id()
+        if not stream_id:
+            raise ValueError(f"{call} needs multiplexed_model_id=<stream id>")
+        await self._route(stream_id)
+        return stream_id
+
+
+class CodecReplica(StreamRouting):
     """The common part of `AudioTokenizer` and `AudioDecoder`: Mimi, the stream slots, the batch loop."""
 
     def _setup(self, cfg: CodecConfig, process: Callable, metric: str, description: str) -> MimiCodec:
@@ -163,18 +184,6 @@ class CodecReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         self.loop.max_batch = BatchOptions.model_validate(user_config).max_batch_size
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_STREAM_IDS)
-    async def _route(self, stream_id: str) -> str:
-        return stream_id  # routing affinity only: the state lives in `self.streams`
-
-    async def _stream_id(self, call: str) -> str:
-        """The request's stream id (its multiplexed model id), registered for Serve's routing."""
-        stream_id = serve.get_multiplexed_model_id()
-        if not stream_id:
-            raise ValueError(f"{call} needs multiplexed_model_id=<stream id>")
-        await self._route(stream_id)
-        return stream_id
 
     def info(self) -> dict:
         return {

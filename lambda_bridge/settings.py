@@ -9,7 +9,8 @@
 | `AUTH_MODE` | `handler` (default: `$connect` checks `?token=`) or `authorizer` (the authorizer did) |
 | `CALLBACK_URL` | the `@connections` endpoint; default `https://{domainName}/{stage}` from the event |
 | `FORWARD_DEADLINE_S` | the most one forward may take, retries included (default 20; capped below 29 s) |
-| `COGNITO_USER_POOL_ID`, `COGNITO_CLIENT_ID`, `COGNITO_REGION` | the authorizer also accepts Cognito JWTs |
+| `COGNITO_USER_POOL_ID`, `COGNITO_REGION` | the authorizer also accepts this pool's Cognito JWTs |
+| `COGNITO_CLIENT_ID` | the app client(s) whose tokens it accepts, comma-separated (required with a pool) |
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Settings:
     token_parameter: str | None = None
     token: str | None = None
     cognito_user_pool_id: str | None = None
-    cognito_client_id: str | None = None
+    cognito_client_ids: tuple[str, ...] = ()
     cognito_region: str | None = None
 
     @classmethod
@@ -51,6 +52,11 @@ class Settings:
             raise ValueError(
                 f"FORWARD_DEADLINE_S must be in (0, {INTEGRATION_LIMIT_S - _DEADLINE_MARGIN_S:g}]"
             )
+        pool_id, clients = env.get("COGNITO_USER_POOL_ID") or None, env.get("COGNITO_CLIENT_ID", "")
+        client_ids = tuple(part.strip() for part in clients.split(",") if part.strip())
+        if pool_id and not client_ids:
+            # Fail closed: without it a token from any app client of the pool (another app's) would do.
+            raise ValueError("COGNITO_CLIENT_ID must name the app client(s) to accept from the pool")
         return cls(
             serve_url=serve_url,
             auth_mode=auth_mode,
@@ -59,8 +65,8 @@ class Settings:
             token_secret_arn=env.get("TOKEN_SECRET_ARN") or None,
             token_parameter=env.get("TOKEN_PARAMETER") or None,
             token=env.get("TOKEN") or None,
-            cognito_user_pool_id=env.get("COGNITO_USER_POOL_ID") or None,
-            cognito_client_id=env.get("COGNITO_CLIENT_ID") or None,
+            cognito_user_pool_id=pool_id,
+            cognito_client_ids=client_ids,
             cognito_region=env.get("COGNITO_REGION") or env.get("AWS_REGION") or None,
         )
 

@@ -20,10 +20,11 @@ from ray.serve import Application
 from deployments.decoder import AudioDecoder, DecoderConfig
 from deployments.generator import CSMGenerator, GeneratorConfig
 from deployments.recognizer import SpeechRecognizer
-from deployments.responder import Responder, ResponderConfig
+from deployments.responder import Responder
 from deployments.routing import router_config
 from deployments.tokenizer import AudioTokenizer, TokenizerConfig
 from serve_app.ingress import ConversationIngress, IngressConfig
+from speech.reply_text import ResponderConfig
 
 # Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
 GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
@@ -40,7 +41,7 @@ class AppArgs(BaseModel):
     decoder: dict = Field(default_factory=dict)  # deployments.decoder.DecoderConfig
     tokenizer: dict = Field(default_factory=dict)  # deployments.tokenizer.TokenizerConfig
     recognizer: dict = Field(default_factory=dict)  # SpeechRecognizer arguments (backend, whisper_path)
-    responder: dict = Field(default_factory=dict)  # deployments.responder.ResponderConfig
+    responder: dict = Field(default_factory=dict)  # speech.reply_text.ResponderConfig
     ingress: dict = Field(default_factory=dict)  # serve_app.ingress.IngressConfig
     # Serve options per deployment (num_replicas, health_check_period_s, ...), by the names below, for
     # programmatic runs; `serve run` takes the same from the YAML's `deployments:` section.

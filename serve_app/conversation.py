@@ -27,12 +27,13 @@ from csm.codec import FRAME_SIZE
 from csm.engine import EngineFull
 from csm.prompt import Segment
 from deployments.generator import PromptUse, SpeechRequest
-from deployments.recognizer import SileroVad, TurnDetector, VadConfig
-from deployments.responder import ResponderError
 from serve_app import protocol as p
 from serve_app.history import HistoryStore, Turn, sentence_parts
 from serve_app.speech import InputStream, ReplyStream
 from serve_app.voices import VoiceLibrary
+from speech.asr import AgreedWords
+from speech.reply_text import ResponderError
+from speech.vad import SileroVad, TurnDetector, VadConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,26 @@ class Observer:
 
 
 class _InputTurn:
-    def __init__(self, tokenizer: DeploymentHandle, start_ms: int) -> None:
+    def __init__(
+        self,
+        handles: Handles,
+        start_ms: int,
+        streaming_asr: bool,
+        send: Callable[[p.ServerEvent], None],
+    ) -> None:
         self.item_id = p.new_id("item")
-        self.stream = InputStream(tokenizer)
+        self._send = send
+        self._words = AgreedWords()
+        self.committed = False  # partials stop at the commit: `completed` has the final transcript
+        recognizer = handles.recognizer if streaming_asr else None
+        self.stream = InputStream(handles.tokenizer, recognizer, self._partial)
         self.start_ms = start_ms
         self.started_at = time.time()
+
+    def _partial(self, text: str) -> None:
+        delta = "" if self.committed else self._words.update(text)
+        if delta:
+            self._send(p.ConversationItemInputAudioTranscriptionDelta(item_id=self.item_id, delta=delta))
 
 
 class _Reply:
@@ -111,6 +127,7 @@ class Conversation:
         history: list[Turn],
         default_voice: str,
         observer: Observer | None = None,
+        streaming_asr: bool = True,
     ) -> None:
         self.id = conversation_id
         self.h = handles
@@ -121,6 +138,7 @@ class Conversation:
         self.history = history
         self.observe = observer or Observer()
         self.default_voice = default_voice
+        self.streaming_asr = streaming_asr  # recognize turns while spoken (else once each turn ends)
         self.session = p.RealtimeSession()
         self.system_notes: list[str] = []
         self._vad_model = vad_model
@@ -245,7 +263,7 @@ class Conversation:
         vad = self.session.audio.input.turn_detection
         if vad is None:  # push-to-talk: everything until the commit is the turn
             if self.turn is None:
-                self.turn = _InputTurn(self.h.tokenizer, 0)
+                self.turn = self._new_turn(0)
             self._push_turn_audio(pcm)
             return
         assert self.detector is not None
@@ -267,7 +285,7 @@ class Conversation:
 
     def _speech_started(self, at_ms: int, vad: p.ServerVad) -> None:
         start_ms = max(at_ms - vad.prefix_padding_ms, 0)
-        self.turn = _InputTurn(self.h.tokenizer, start_ms)
+        self.turn = self._new_turn(start_ms)
         # The audio since `start_ms` is at the end of the prefix buffer (the detector trails the input).
         since = (self._heard_samples - start_ms * SAMPLES_PER_MS) if self._heard_samples else 0
         self._push_turn_audio(self._prefix[-since:] if since > 0 else self._prefix[:0])
@@ -275,6 +293,9 @@ class Conversation:
         self.send(p.InputAudioBufferSpeechStarted(audio_start_ms=start_ms, item_id=self.turn.item_id))
         if vad.interrupt_response and self.reply is not None:
             self.reply.stop("turn_detected")
+
+    def _new_turn(self, start_ms: int) -> _InputTurn:
+        return _InputTurn(self.h, start_ms, self.streaming_asr, self.send)
 
     def _push_turn_audio(self, pcm: np.ndarray) -> None:
         assert self.turn is not None
@@ -295,6 +316,7 @@ class Conversation:
         turn, self.turn = self.turn, None
         if turn is None or turn.stream.samples == 0:
             raise p.ProtocolError("empty_buffer", "the input audio buffer is empty: nothing to commit")
+        turn.committed = True
         if self.detector is not None and self.detector.speaking:
             self.detector.reset()  # a manual commit mid-speech: the next speech is a new turn
             self._heard_samples = 0
@@ -312,10 +334,13 @@ class Conversation:
         """Encode the rest, transcribe, add the turn to the history (in the order turns were committed)."""
         earlier = [t for t in self._finishing if t is not asyncio.current_task()]
         audio = turn.stream.audio()
+        stream = turn.stream
         try:
-            codes, text = await asyncio.gather(
-                turn.stream.finish(), self.h.recognizer.transcribe.remote(audio.astype(np.float32) / 32768.0)
-            )
+            if stream.streaming_asr:  # recognized while spoken: only the last chunk is left
+                text = stream.finish_transcript()
+            else:
+                text = self.h.recognizer.transcribe.remote(audio.astype(np.float32) / 32768.0)
+            codes, text = await asyncio.gather(stream.finish(), text)
         except Exception as e:
             log.exception("conversation %s: turn %s failed", self.id, turn.item_id)
             self.report(p.ProtocolError("response_failed", f"processing the turn failed: {type(e).__name__}"))

@@ -30,13 +30,13 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from deployments.generator import PromptUse
-from deployments.recognizer import load_vad_model
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
 from serve_app.bridge import ApiGatewaySink, EventSink
 from serve_app.conversation import Conversation, Handles, Limits, Observer
 from serve_app.history import HistoryStore, check_conversation_id
 from serve_app.voices import NO_VOICE, VoiceLibrary
+from speech.vad import load_vad_model
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class IngressConfig(BaseModel):
     events_per_second: float = Field(50.0, gt=0)  # sustained, per conversation
     event_burst: int = Field(100, ge=1)
     idle_timeout_s: float = Field(600.0, gt=0)  # API Gateway's idle limit is 10 minutes too
+    # Recognize each turn while it is spoken (`SpeechRecognizer.push`); off: once the turn has ended.
+    streaming_asr: bool = True
     limits: Limits = Field(default_factory=Limits)
 
 
@@ -365,6 +367,7 @@ class ConversationIngress:
             history,
             self.cfg.default_voice,
             self.observer,
+            streaming_asr=self.cfg.streaming_asr,
         )
         conversation.start()
         outbox.put_nowait(

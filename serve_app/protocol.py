@@ -617,6 +617,19 @@ class ConversationItemDone(ServerEvent):
     previous_item_id: str | None = None
 
 
+class ConversationItemInputAudioTranscriptionDelta(ServerEvent):
+    """Words of the person's turn recognized while they speak: each delta appends to the ones before.
+    Only words two successive hypotheses agree on are sent, so a delta is never taken back; the
+    `completed` event's transcript is the final word (it may still differ at the end)."""
+
+    type: Literal["conversation.item.input_audio_transcription.delta"] = (
+        "conversation.item.input_audio_transcription.delta"
+    )
+    item_id: str
+    content_index: int = 0
+    delta: str
+
+
 class ConversationItemInputAudioTranscriptionCompleted(ServerEvent):
     type: Literal["conversation.item.input_audio_transcription.completed"] = (
         "conversation.item.input_audio_transcription.completed"
@@ -916,6 +929,7 @@ __all__ = [
     "ConversationItemCreate",
     "ConversationItemDone",
     "ConversationItemInputAudioTranscriptionCompleted",
+    "ConversationItemInputAudioTranscriptionDelta",
     "ConversationItemTruncate",
     "ConversationItemTruncated",
     "ErrorCode",

@@ -1,7 +1,9 @@
 """The audio paths of a conversation, over the model deployments' handles.
 
 `InputStream`: one person's turn, encoded while they speak (chunks go to `AudioTokenizer` in the
-background, in order; a replica that lost the stream gets the turn again from its start).
+background, in order; a replica that lost the stream gets the turn again from its start), and recognized
+while they speak the same way (`SpeechRecognizer.push`), so when the turn ends only its last chunk is
+left to encode and to recognize.
 `ReplyStream`: one reply's audio: sentences go to `CSMGenerator`, its frames to `AudioDecoder` in chunks
 of 1-2 frames as soon as they exist, and PCM comes back to the caller with the frames it came from.
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
@@ -24,25 +27,119 @@ from deployments.generator import Frames, PromptUse, SpeechRequest
 
 log = logging.getLogger(__name__)
 
-# Audio sent to the encoder per call while the person speaks: fewer, larger calls cost less than one per
-# 20 ms message, and the turn's last chunk is all that is left to encode when the turn ends.
+# Audio sent per call while the person speaks (to the encoder, and to the recognizer when it streams):
+# fewer, larger calls cost less than one per 20 ms message, and the turn's last chunk is all that is left
+# to encode and to recognize when the turn ends.
 ENCODE_CHUNK = 4 * FRAME_SIZE
+
+Result = TypeVar("Result")
+
+
+class _Sender(Generic[Result]):
+    """One turn's audio sent to one stream deployment in order, in the background: whole frames, at least
+    `ENCODE_CHUNK` at a time, while the turn goes on, then the rest with `final`. `call(start, pcm, final)`
+    answers `None` when its replica lacks the stream (restarted, or the slot went to another stream); the
+    turn is then sent again from sample 0, which the deployment rebuilds the stream from."""
+
+    def __init__(
+        self,
+        name: str,
+        audio: Callable[[], np.ndarray],
+        call: Callable[[int, np.ndarray, bool], Awaitable[Result | None]],
+        on_result: Callable[[Result], None],
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self._audio = audio
+        self._call = call
+        self._on_result = on_result
+        self._on_restart = on_restart
+        self.sent = 0  # samples the deployment holds
+        self.recoveries = 0
+        self._task: asyncio.Task | None = None
+
+    def kick(self) -> None:
+        """Send what is due, unless a send is under way (it takes whatever came meanwhile)."""
+        if self._audio().size - self.sent >= ENCODE_CHUNK and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._drain(final=False))
+
+    async def finish(self) -> None:
+        if self._task is not None:
+            await self._task
+        await self._drain(final=True)
+
+    async def _drain(self, final: bool) -> None:
+        while True:
+            audio = self._audio()
+            if final:
+                chunk = audio[self.sent :]
+            else:
+                whole = (audio.size - self.sent) // FRAME_SIZE * FRAME_SIZE
+                if whole < ENCODE_CHUNK:
+                    return
+                chunk = audio[self.sent : self.sent + whole]
+            result = await self._call(self.sent, chunk, final)
+            if result is None:
+                log.info("%s: stream state lost, sending the turn again", self.name)
+                self.sent = 0
+                self.recoveries += 1
+                self._on_restart()
+                continue
+            self.sent += chunk.size
+            self._on_result(result)
+            if final:
+                return
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class InputStream:
-    """The person's audio for one turn, encoded in the background as it arrives."""
+    """The person's audio for one turn: encoded in the background as it arrives, and, with a recognizer,
+    recognized as it arrives too (`partial` hears each new transcript so far)."""
 
-    def __init__(self, tokenizer: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        tokenizer: DeploymentHandle,
+        recognizer: DeploymentHandle | None = None,
+        partial: Callable[[str], None] = lambda text: None,
+    ) -> None:
         self.id = f"in_{uuid.uuid4().hex}"
-        self._handle = tokenizer.options(multiplexed_model_id=self.id)
         self._audio = np.zeros(0, np.int16)  # grows by doubling: the turn's audio is read on every drain
         self.samples = 0
-        self._sent = 0  # samples handed to the encoder
         self._codes: list[np.ndarray] = []
-        self._task: asyncio.Task | None = None
+        self.transcript = ""
+        self._partial = partial
+        encoder = tokenizer.options(multiplexed_model_id=self.id)
+        self._encoder = _Sender(
+            f"input stream {self.id} (encoder)",
+            self.audio,
+            encoder.encode.remote,
+            self._codes.append,
+            on_restart=self._codes.clear,
+        )
+        self._senders = [(self._encoder, encoder)]
+        self._recognizer: _Sender[str] | None = None
+        if recognizer is not None:
+            asr = recognizer.options(multiplexed_model_id=self.id)
+            self._recognizer = _Sender(
+                f"input stream {self.id} (recognizer)", self.audio, asr.push.remote, self._heard
+            )
+            self._senders.append((self._recognizer, asr))
+
+    @property
+    def streaming_asr(self) -> bool:
+        """Whether the turn is recognized as it arrives (else the caller transcribes it at its end)."""
+        return self._recognizer is not None
+
+    def _heard(self, text: str) -> None:
+        if text != self.transcript:
+            self.transcript = text
+            self._partial(text)
 
     def push(self, pcm: np.ndarray) -> None:
-        """Add int16 audio; never blocks (encoding runs in a background task)."""
+        """Add int16 audio; never blocks (encoding and recognition run in background tasks)."""
         if pcm.size == 0:
             return
         end = self.samples + pcm.size
@@ -52,50 +149,38 @@ class InputStream:
             self._audio = grown
         self._audio[self.samples : end] = pcm
         self.samples = end
-        if self.samples - self._sent >= ENCODE_CHUNK and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._drain(final=False))
+        self._encoder.kick()
+        if self._recognizer is not None:
+            self._recognizer.kick()
 
     def audio(self) -> np.ndarray:
         """The turn's audio so far (a view: valid until the next push)."""
         return self._audio[: self.samples]
 
-    async def _drain(self, final: bool) -> None:
-        while True:
-            audio = self.audio()
-            if final:
-                chunk = audio[self._sent :]
-            else:
-                whole = (audio.size - self._sent) // FRAME_SIZE * FRAME_SIZE
-                if whole < ENCODE_CHUNK:
-                    return
-                chunk = audio[self._sent : self._sent + whole]
-            codes = await self._handle.encode.remote(self._sent, chunk, final)
-            if codes is None:  # the replica lost our state: start over from the turn's first sample
-                log.info("input stream %s: encoder state lost, re-encoding the turn", self.id)
-                self._sent, self._codes = 0, []
-                continue
-            self._codes.append(codes)
-            self._sent += chunk.size
-            if final:
-                return
-
     async def finish(self) -> np.ndarray:
         """The turn's codes ([frames, 32] int16): waits for the encoder to take the rest of the audio."""
-        if self._task is not None:
-            await self._task
         if self.samples == 0:
             return np.zeros((0, 32), np.int16)
-        await self._drain(final=True)
+        await self._encoder.finish()
         return np.concatenate(self._codes) if self._codes else np.zeros((0, 32), np.int16)
 
+    async def finish_transcript(self) -> str:
+        """The turn's transcript, from the recognizer's stream: only the last chunk is left to decode."""
+        assert self._recognizer is not None
+        if self.samples == 0:
+            return ""
+        await self._recognizer.finish()
+        return self.transcript
+
     async def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._sent:
-            try:
-                await self._handle.close.remote()
-            except Exception:  # the stream's slot is reclaimed by LRU anyway
-                log.warning("input stream %s: close failed", self.id, exc_info=True)
+        for sender, _ in self._senders:
+            sender.cancel()
+        for sender, handle in self._senders:
+            if sender.sent:
+                try:
+                    await handle.close.remote()
+                except Exception:  # the stream's slot is reclaimed by LRU anyway
+                    log.warning("%s: close failed", sender.name, exc_info=True)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from openai.types.realtime import (
     ConversationItemCreateEvent,
     ConversationItemDone,
     ConversationItemInputAudioTranscriptionCompletedEvent,
+    ConversationItemInputAudioTranscriptionDeltaEvent,
     ConversationItemTruncatedEvent,
     ConversationItemTruncateEvent,
     InputAudioBufferAppendEvent,
@@ -393,6 +394,10 @@ def _server_events() -> list[tuple[p.ServerEvent, type]]:
         (p.InputAudioBufferCleared(), InputAudioBufferClearedEvent),
         (p.ConversationItemAdded(item=user_item, previous_item_id="item_0"), ConversationItemAdded),
         (p.ConversationItemDone(item=user_item), ConversationItemDone),
+        (
+            p.ConversationItemInputAudioTranscriptionDelta(item_id=user_item.id, delta="hi"),
+            ConversationItemInputAudioTranscriptionDeltaEvent,
+        ),
         (
             p.ConversationItemInputAudioTranscriptionCompleted(
                 item_id=user_item.id, transcript="hi there", usage=p.TranscriptionUsage(seconds=0.9)

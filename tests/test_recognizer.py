@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchaudio
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     GenerationConfig,
@@ -25,16 +26,17 @@ from transformers import (
 )
 
 from csm.audio import SAMPLE_RATE
-from deployments.recognizer import (
+from deployments.recognizer import SpeechRecognizer
+from speech.asr import (
+    AgreedWords,
     PocketsphinxTranscriber,
-    SpeechRecognizer,
-    TurnDetector,
-    VadConfig,
-    VadEvent,
+    Push,
+    Stretcher,
     WhisperTranscriber,
-    load_vad_model,
     make_transcriber,
 )
+from speech.pcm import SPEECH_SAMPLE_RATE, StreamResampler, is_silent
+from speech.vad import TurnDetector, VadConfig, VadEvent, load_vad_model
 from tests.realtime_client import espeak
 
 MS = SAMPLE_RATE // 1000  # samples per millisecond at 24 kHz
@@ -249,6 +251,99 @@ def test_pocketsphinx_keeps_batch_order_and_hears_nothing_in_silence(sphinx, say
     assert "hello" in texts[3].lower() or "world" in texts[3].lower()
 
 
+CHUNK = 4 * 1920  # 320 ms at 24 kHz: what the ingress sends per push while the person speaks
+
+
+def stream_through(transcriber, audio: np.ndarray, chunk: int = CHUNK) -> tuple[list[str], str]:
+    """Push `audio` chunk by chunk, then end the stream: the transcripts so far, and the final one."""
+    stream = transcriber.open()
+    partials = [
+        transcriber.step([Push(stream, audio[i : i + chunk])])[0] for i in range(0, audio.size, chunk)
+    ]
+    return partials, transcriber.step([Push(stream, np.zeros(0, np.float32), final=True)])[0]
+
+
+def test_pocketsphinx_recognizes_a_stream_while_it_is_spoken(sphinx, say):
+    partials, final = stream_through(sphinx, say("what is the weather like today"))
+    assert {"weather", "like"} <= set(final.split())
+    heard_early = [i for i, text in enumerate(partials) if "weather" in text.split()]
+    assert heard_early and heard_early[0] < len(partials) - 1  # before the last chunk, not at the end
+
+
+def test_pocketsphinx_streams_take_turns_in_one_step(sphinx, say):
+    a, b = say("hello world"), say("what is the weather like today")
+    streams = [sphinx.open(), sphinx.open()]
+    for i in range(0, max(a.size, b.size), CHUNK):
+        sphinx.step([Push(streams[0], a[i : i + CHUNK]), Push(streams[1], b[i : i + CHUNK])])
+    end = np.zeros(0, np.float32)
+    hello, weather = sphinx.step([Push(streams[0], end, final=True), Push(streams[1], end, final=True)])
+    assert "hello" in hello.split() and "weather" in weather.split()  # each stream its own decoder
+
+
+def test_pocketsphinx_streams_of_silence_and_abandoned_ones(sphinx, say):
+    assert stream_through(sphinx, silence(1500)) == ([""] * 5, "")
+    assert stream_through(sphinx, say("yes")[:2000])[1] == ""  # under 100 ms: no word to find
+    stream = sphinx.open()
+    sphinx.step([Push(stream, say("hello world")[:CHUNK])])
+    sphinx.close(stream)  # the turn was cleared: its decoder goes back, clean for the next stream
+    assert "world" in stream_through(sphinx, say("hello world"))[1].split()
+    ended = sphinx.open()
+    sphinx.step([Push(ended, say("yes"), final=True)])
+    with pytest.raises(ValueError, match="ended"):
+        sphinx.step([Push(ended, say("yes"))])
+
+
+def test_the_stream_resampler_matches_resampling_the_whole_stream(say):
+    audio = say("hello world")
+    whole = torchaudio.functional.resample(torch.from_numpy(audio), SAMPLE_RATE, SPEECH_SAMPLE_RATE).numpy()
+    for sizes in ([CHUNK], [1, 2, 3, 500, 7681], [audio.size]):
+        resampler, out, i, k = StreamResampler(), [], 0, 0
+        while i < audio.size:
+            n = sizes[k % len(sizes)]
+            out.append(resampler.push(audio[i : i + n]))
+            i, k = i + n, k + 1
+        out.append(resampler.flush())
+        streamed = np.concatenate(out)
+        assert streamed.shape == whole.shape
+        np.testing.assert_allclose(streamed, whole, atol=2e-5)
+
+
+def test_agreed_words_are_sent_once_and_never_taken_back():
+    words = AgreedWords()
+    deltas = [
+        words.update(h)
+        for h in ["the", "oh wow", "hello wor", "hello world", "hello world how", "hello world how are"]
+    ]
+    assert deltas == ["", "", "", "hello", " world", " how"]
+    assert words.update("yellow world how are you") == ""  # a revision of sent words is held back
+    assert words.update("hello world how are you") == ""  # agrees with the last again, but only next time
+    assert words.update("hello world how are you") == " are you"
+    assert words.sent == "hello world how are you".split()
+
+
+def test_the_stretcher_cuts_inside_pauses_and_keeps_every_sample():
+    rng = np.random.default_rng(0)
+    burst = lambda s: (rng.standard_normal(int(s * SPEECH_SAMPLE_RATE)) * 0.1).astype(np.float32)  # noqa: E731
+    gap = lambda s: np.zeros(int(s * SPEECH_SAMPLE_RATE), np.float32)  # noqa: E731
+    parts = [burst(1.5), gap(0.6), burst(0.4), gap(0.2), burst(1.0), gap(0.8), burst(1.2)]
+    audio = np.concatenate(parts)
+    edges = np.cumsum([p.size for p in parts])  # bursts end at edges[0], [2], ...; gaps at [1], [3], ...
+    stretcher = Stretcher(min_s=1.0, pause_s=0.3)
+    stretches = []
+    for i in range(0, audio.size, 5120):  # 320 ms at 16 kHz
+        stretches += stretcher.push(audio[i : i + 5120])
+    stretches += stretcher.push(audio[:0], final=True)
+    np.testing.assert_array_equal(np.concatenate(stretches), audio)  # nothing lost, nothing twice
+    cuts = np.cumsum([s.size for s in stretches])[:-1]
+    # The 0.6 s and 0.8 s pauses cut; the 0.2 s one is too short; each cut lies inside its pause.
+    assert len(cuts) == 2
+    assert edges[0] < cuts[0] < edges[1] and edges[4] < cuts[1] < edges[5]
+    long = Stretcher(max_s=2.0)
+    pieces = long.push(burst(5.0), final=True)
+    assert [p.size for p in pieces[:-1]] == [p.size for p in pieces[:-1] if p.size <= 2 * SPEECH_SAMPLE_RATE]
+    assert sum(p.size for p in pieces) == 5 * SPEECH_SAMPLE_RATE and len(pieces) >= 3
+
+
 def write_tiny_whisper(path: Path) -> None:
     """A random 2-layer Whisper with a byte-level vocabulary written here (no hub access)."""
     specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
@@ -309,6 +404,33 @@ def test_whisper_splits_utterances_longer_than_its_window(whisper_dir, say):
     whisper = WhisperTranscriber(whisper_dir, max_new_tokens=2)
     first, rest = long[: 30 * SAMPLE_RATE], long[30 * SAMPLE_RATE :]
     assert whisper.transcribe([long]) == [" ".join(whisper.transcribe([first, rest]))]
+
+
+def test_a_whisper_stream_is_its_stretches_decoded_in_order(whisper_dir, say):
+    """Random weights: the words are noise, but deterministic. A turn streamed in chunks, beside another
+    stream in the same steps, gives its stretches' texts in order, each stretch decoded once, and at the
+    end only the last stretch is left to decode."""
+    whisper = WhisperTranscriber(whisper_dir, max_new_tokens=3)
+    gap = silence(700)
+    turn = np.concatenate([say("hello world"), gap, say("what is the weather like today"), gap, say("yes")])
+    other = np.concatenate([say("yes"), gap, say("hello world")])
+    a, b = whisper.open(), whisper.open()
+    calls = whisper.generate_calls
+    partials = []
+    for i in range(0, turn.size, CHUNK):
+        partials.append(whisper.step([Push(a, turn[i : i + CHUNK]), Push(b, other[i : i + CHUNK])])[0])
+    before_end = whisper.generate_calls
+    final, _ = whisper.step([Push(a, turn[:0], final=True), Push(b, other[:0], final=True)])
+    assert whisper.generate_calls - before_end <= 1  # the end: at most one batch, of the last stretches
+    assert before_end - calls >= 2  # stretches were decoded while the turn was spoken
+
+    # The same stretches cut from the whole turn at once, decoded alone: the same texts, joined.
+    resampler = StreamResampler()
+    audio = np.concatenate([resampler.push(turn), resampler.flush()])
+    stretches = [s for s in Stretcher().push(audio, final=True) if not is_silent(s)]  # silence: no words
+    assert len(stretches) == 3  # cut in the two pauses
+    assert final == " ".join(t for t in whisper._generate(stretches) if t)
+    assert partials[-1] and final.startswith(partials[-1])
 
 
 def test_whisper_needs_a_whisper_directory(tmp_path):

@@ -21,13 +21,13 @@ from botocore.eventstream import EventStreamBuffer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.responder import (
+from deployments.responder import Responder
+from speech.reply_text import (
     BedrockBackend,
     ChatTurn,
     EchoBackend,
     OpenAIBackend,
     ReplyWriter,
-    Responder,
     ResponderConfig,
     ResponderError,
     make_backend,

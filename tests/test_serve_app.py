@@ -13,11 +13,13 @@ import pytest
 import websockets
 from ray import serve
 
+from serve_app.speech import ENCODE_CHUNK
 from tests.conftest import APP_TOKEN, MAX_CONVERSATIONS
 from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 from tests.standins import http_server
 
 FRAME = 1920
+CHUNK = 4 * FRAME  # what the ingress sends the recognizer per push
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +306,67 @@ async def test_encoder_asks_for_the_turn_again_when_it_lost_the_stream(app):
     assert await stream.encode.remote(FRAME, pcm) is None  # mid-turn, no state here: resend from 0
     codes = await stream.encode.remote(0, pcm, True)
     assert codes.shape == (4, 32) and codes.dtype == np.int16
+
+
+async def test_recognizer_asks_for_the_turn_again_when_it_lost_the_stream(app, tmp_path):
+    recognizer = serve.get_deployment_handle("SpeechRecognizer", "csm")
+    pcm = speech("hello world", tmp_path, lead_s=0.2, tail_s=0.2)
+    stream = recognizer.options(multiplexed_model_id="in_never_heard")
+    recoveries = (await recognizer.stats.remote())["recoveries"]
+    assert await stream.push.remote(CHUNK, pcm[CHUNK:]) is None  # mid-turn, no state here: resend from 0
+    assert isinstance(await stream.push.remote(0, pcm[:CHUNK]), str)
+    final = await stream.push.remote(CHUNK, pcm[CHUNK:], True)
+    assert "world" in final.split()
+    stats = await recognizer.stats.remote()
+    assert stats["recoveries"] == recoveries + 1
+    record = stats["streams"]["in_never_heard"]
+    assert record["pushes"] == 2 and record["samples"] == pcm.size and record["final_samples"] < pcm.size
+
+
+async def recognizer_records(recognizer) -> dict[str, dict]:
+    return (await recognizer.stats.remote())["streams"]
+
+
+async def test_a_spoken_turn_is_recognized_while_it_is_spoken(app, tmp_path):
+    """Words arrive as `...transcription.delta` before the turn ends; at its end only the last chunk is
+    left to decode (the recognizer's own record of the stream), and the transcript has the words."""
+    recognizer = serve.get_deployment_handle("SpeechRecognizer", "csm")
+    before = set(await recognizer_records(recognizer))
+    client = await connect(app)
+    turn = speech("what is the weather like today", tmp_path)
+    await client.stream(turn, realtime=1.0)  # as a microphone does
+    events = await client.until("response.done")
+    types = [e["type"] for e in events]
+    deltas = [i for i, t in enumerate(types) if t == "conversation.item.input_audio_transcription.delta"]
+    assert deltas and deltas[0] < types.index("input_audio_buffer.speech_stopped")
+    spoken = "".join(events[i]["delta"] for i in deltas)
+    transcript = of_type(events, "conversation.item.input_audio_transcription.completed")[0]["transcript"]
+    assert "weather" in transcript.split()
+    assert transcript.startswith(spoken.split()[0])  # the deltas' words lead the final transcript
+    (record,) = [r for k, r in (await recognizer_records(recognizer)).items() if k not in before]
+    assert record["pushes"] >= 4 and record["recoveries"] == 0  # chunks that waited go as one
+    assert 0 < record["final_samples"] <= ENCODE_CHUNK  # the turn's end: one step, of the last chunk
+    assert record["samples"] < turn.size  # the turn is committed when its silence is heard, not at the end
+    await client.close()
+
+
+async def test_concurrent_turns_are_recognized_concurrently(app, tmp_path):
+    recognizer = serve.get_deployment_handle("SpeechRecognizer", "csm")
+    before = set(await recognizer_records(recognizer))
+    clients = [await connect(app) for _ in range(2)]
+    turns = [speech("hello world", tmp_path), speech("what is the weather like today", tmp_path)]
+    await asyncio.gather(*(c.stream(t, realtime=1.0) for c, t in zip(clients, turns, strict=True)))
+    done = await asyncio.gather(*(c.until("response.done") for c in clients))
+    texts = [
+        of_type(e, "conversation.item.input_audio_transcription.completed")[0]["transcript"] for e in done
+    ]
+    assert all(texts)  # (the words themselves: test_a_spoken_turn_is_recognized_while_it_is_spoken)
+    records = [r for k, r in (await recognizer_records(recognizer)).items() if k not in before]
+    assert len(records) == 2
+    spans = [(r["intervals"][0][0], r["intervals"][-1][1]) for r in records]
+    assert max(a for a, _ in spans) < min(b for _, b in spans)  # the two turns' decoding overlapped
+    for c in clients:
+        await c.close()
 
 
 async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):

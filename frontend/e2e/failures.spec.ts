@@ -2,7 +2,7 @@
  * The screens a person meets when something is wrong: distinct, named, and with a way on.
  */
 import { createServer } from "node:net";
-import { expect, test } from "./fixtures";
+import { expect, listInConfig, test } from "./fixtures";
 
 /** A loopback port with nothing listening on it. */
 async function closedPort(): Promise<number> {
@@ -46,6 +46,7 @@ test("a wrong token is named as such, without endless retries", async ({ page, e
 test("an unreachable server is retried a bounded number of times, then shown as down", async ({ page, token, endpoint }) => {
   test.skip(endpoint !== undefined, "the same in every project: it never reaches the project's endpoint");
   const port = await closedPort();
+  await listInConfig(page, [`ws://127.0.0.1:${port}/`]); // the page connects only where its config allows
   await page.goto(`/?${new URLSearchParams({ endpoint: `ws://127.0.0.1:${port}/`, token, voiceProcessing: "off" })}`);
   await page.getByRole("button", { name: "Start conversation" }).click();
   const status = page.getByTestId("status");

@@ -7,7 +7,8 @@
  * - `micScript` (worker option): what the fake microphone says. Chromium plays one WAV file per
  *   browser launch, so each script gets its own worker and browser.
  * - `pageUrl`: the page's URL with the endpoint, the token and `voiceProcessing=off` (the fake device
- *   must reach the server unaltered).
+ *   must reach the server unaltered). With an endpoint, the page's config.json lists it (`listInConfig`),
+ *   as a deployment lists its API Gateway: the page connects to no other origin.
  * - `csm`: reads `window.__csm`, the page's test hook.
  */
 import { test as base, type Page } from "@playwright/test";
@@ -63,6 +64,11 @@ export async function csmState(page: Page): Promise<CsmState> {
   });
 }
 
+/** Serve this page a config.json that lists `endpoints` (the page refuses other origins it is not given there). */
+export async function listInConfig(page: Page, endpoints: string[]): Promise<void> {
+  await page.route("**/config.json", (route) => route.fulfill({ json: { endpoints } }));
+}
+
 export const test = base.extend<TestOptions & { pageUrl: string; timeline: void }, WorkerOptions & { micWav: string }>({
   endpoint: [undefined, { option: true }],
   token: [APP_TOKEN, { option: true }],
@@ -97,9 +103,12 @@ export const test = base.extend<TestOptions & { pageUrl: string; timeline: void 
     },
     { auto: true },
   ],
-  pageUrl: async ({ endpoint, token }, use) => {
+  pageUrl: async ({ page, endpoint, token }, use) => {
     const query = new URLSearchParams({ token, voiceProcessing: "off" });
-    if (endpoint) query.set("endpoint", endpoint);
+    if (endpoint) {
+      query.set("endpoint", endpoint);
+      await listInConfig(page, [endpoint]);
+    }
     await use(`/?${query}`);
   },
 });

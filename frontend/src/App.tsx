@@ -7,6 +7,8 @@ import { Transcript } from "./components/Transcript";
 import { Visualizer } from "./components/Visualizer";
 import { AudioSession, MicrophoneError } from "./lib/audioSession";
 import {
+  addressToken,
+  type ConfigFile,
   defaultEndpoint,
   type EndpointSettings,
   isSameOrigin,
@@ -14,6 +16,7 @@ import {
   loadSaved,
   resolveSettings,
   saveSettings,
+  withoutToken,
 } from "./lib/config";
 import { type ClientSnapshot, RealtimeClient } from "./lib/realtimeClient";
 import { installTestHook } from "./testHook";
@@ -71,10 +74,12 @@ interface ServerPreview {
 
 export function App() {
   const [saved, setSaved] = useState<EndpointSettings | null>(() => loadSaved(storage()));
-  const [fileConfig, setFileConfig] = useState<EndpointSettings | null | undefined>(undefined);
+  const [fileConfig, setFileConfig] = useState<ConfigFile | null | undefined>(undefined);
+  // Read once: the token is taken out of the address bar as soon as the page is up.
+  const [address] = useState(() => ({ search: window.location.search, hash: window.location.hash }));
   const resolved = useMemo(
-    () => resolveSettings({ search: window.location.search, location: window.location, saved, config: fileConfig ?? null }),
-    [saved, fileConfig],
+    () => resolveSettings({ ...address, location: window.location, saved, config: fileConfig ?? null }),
+    [address, saved, fileConfig],
   );
   const resolvedRef = useRef(resolved);
   resolvedRef.current = resolved;
@@ -113,6 +118,20 @@ export function App() {
   }, [client]);
 
   useEffect(() => client.configure(resolved.endpoint, resolved.token), [client, resolved]);
+
+  useEffect(() => {
+    const bare = withoutToken(window.location.href);
+    if (bare !== null) window.history.replaceState(window.history.state, "", bare);
+  }, []);
+
+  // The address's token is kept once config.json is known: it decides whether the address's endpoint,
+  // and so its token, is used.
+  useEffect(() => {
+    const token = fileConfig === undefined ? null : addressToken(resolvedRef.current);
+    if (token === null) return;
+    saveSettings(storage(), { ...loadSaved(storage()), token });
+    setSaved(loadSaved(storage()));
+  }, [fileConfig]);
 
   // Before any call, this page's own server can say which voices it has and whether it runs on noise.
   useEffect(() => {
@@ -332,7 +351,7 @@ export function App() {
           Server: <code>{resolved.endpoint.replace(/\?.*$/, "")}</code>
         </span>
         {!voiceProcessing ? <span> · voice processing off</span> : null}
-        {resolved.rejected.length > 0 ? (
+        {fileConfig !== undefined && resolved.rejected.length > 0 ? (
           <span className="warning">
             {" "}
             · ignored an unusable endpoint ({resolved.rejected[0].endpoint}); see Settings

@@ -1,5 +1,5 @@
 import { type FormEvent, useEffect, useRef, useState } from "react";
-import type { EndpointSettings, ResolvedSettings, SettingSource } from "../lib/config";
+import { acceptEndpoint, type EndpointSettings, type ResolvedSettings, type SettingSource } from "../lib/config";
 
 interface Props {
   open: boolean;
@@ -19,12 +19,24 @@ const SOURCE: Record<SettingSource, string> = {
   default: "default",
 };
 
+/** Why the page would refuse this endpoint (see config.ts), or null: empty means the default. */
+function endpointProblem(endpoint: string, listed: readonly string[]): string | null {
+  if (endpoint.trim() === "") return null;
+  try {
+    acceptEndpoint(endpoint.trim(), window.location, listed);
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
 /** Endpoint and token (saved in localStorage), and the microphone's voice processing. */
 export function SettingsDialog(props: Props) {
   const { open, resolved, saved, defaultEndpoint, onClose } = props;
   const dialog = useRef<HTMLDialogElement>(null);
   const [endpoint, setEndpoint] = useState(saved?.endpoint ?? "");
   const [token, setToken] = useState(saved?.token ?? "");
+  const [problem, setProblem] = useState<string | null>(null);
 
   useEffect(() => {
     const el = dialog.current;
@@ -32,12 +44,17 @@ export function SettingsDialog(props: Props) {
     if (open && !el.open) {
       setEndpoint(saved?.endpoint ?? "");
       setToken(saved?.token ?? "");
+      setProblem(null);
       el.showModal();
     } else if (!open && el.open) el.close();
   }, [open, saved]);
 
   const submit = (e: FormEvent) => {
     e.preventDefault();
+    // Saved, it would only be ignored on the next load: say so now, while the person is here.
+    const refused = endpointProblem(endpoint, resolved.listed);
+    setProblem(refused);
+    if (refused !== null) return;
     props.onSave({ endpoint, token });
     onClose();
   };
@@ -49,7 +66,8 @@ export function SettingsDialog(props: Props) {
         <p className="hint">
           In use: <code>{resolved.endpoint}</code> ({SOURCE[resolved.endpointSource]})
           {resolved.token ? `, with a token (${SOURCE[resolved.tokenSource]})` : ", no token"}. The page address
-          (<code>?endpoint=</code>, <code>?token=</code>) overrides what is saved here.
+          (<code>?endpoint=</code>, <code>#token=</code>) overrides what is saved here; a token in it is saved and
+          removed from the address.
         </p>
         {resolved.rejected.map((r) => (
           <p key={`${r.source}:${r.endpoint}`} className="hint warning" role="alert">
@@ -65,10 +83,27 @@ export function SettingsDialog(props: Props) {
           value={endpoint}
           onChange={(e) => setEndpoint(e.target.value)}
           aria-describedby="settings-endpoint-help"
+          aria-invalid={problem !== null}
         />
+        {problem !== null ? (
+          <p className="hint warning" role="alert">
+            Not saved: {problem}.
+          </p>
+        ) : null}
         <p id="settings-endpoint-help" className="hint">
-          This server's <code>/v1/realtime</code> when empty, or an API Gateway <code>wss://</code> URL. Changes
-          apply to the next conversation.
+          This server's <code>/v1/realtime</code> when empty. The page connects only to this server
+          {resolved.listed.length > 0 ? (
+            <>
+              {" "}or to an endpoint config.json lists:{" "}
+              {resolved.listed.map((l, i) => (
+                <span key={l}>
+                  {i > 0 ? ", " : ""}
+                  <code>{l}</code>
+                </span>
+              ))}
+            </>
+          ) : null}
+          . Changes apply to the next conversation.
         </p>
         <label htmlFor="settings-token">Access token</label>
         <input id="settings-token" type="password" autoComplete="off" value={token} onChange={(e) => setToken(e.target.value)} />

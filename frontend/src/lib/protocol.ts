@@ -18,6 +18,7 @@ export type ServerEvent =
   | { type: "input_audio_buffer.speech_stopped"; item_id: string; audio_end_ms: number }
   | { type: "input_audio_buffer.committed"; item_id: string }
   | { type: "input_audio_buffer.cleared" }
+  | { type: "conversation.item.input_audio_transcription.delta"; item_id: string; delta: string }
   | { type: "conversation.item.input_audio_transcription.completed"; item_id: string; transcript: string }
   | { type: "conversation.item.added" | "conversation.item.done"; item: { id: string; role: string } }
   | { type: "conversation.item.truncated"; item_id: string; audio_end_ms: number }

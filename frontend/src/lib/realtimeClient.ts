@@ -564,6 +564,13 @@ export class RealtimeClient {
         this.awaitingReply = true;
         if (!this.transcriptEntry(event.item_id)) this.upsertEntry({ id: event.item_id, role: "user", text: "", status: "pending" });
         break;
+      case "conversation.item.input_audio_transcription.delta": {
+        // Words heard while the person speaks; `completed` replaces them with the final transcript.
+        const entry = this.transcriptEntry(event.item_id);
+        if (entry?.status === "done") break;
+        this.upsertEntry({ id: event.item_id, role: "user", text: (entry?.text ?? "") + event.delta, status: "pending" });
+        break;
+      }
       case "conversation.item.input_audio_transcription.completed":
         this.upsertEntry({ id: event.item_id, role: "user", text: event.transcript.trim(), status: "done" });
         break;

@@ -1,8 +1,20 @@
 import { describe, expect, it } from "vitest";
-import { isSameOrigin, loadConfigFile, loadSaved, realtimeUrl, resolveSettings, saveSettings, toWebSocketUrl } from "../lib/config";
+import {
+  acceptEndpoint,
+  addressToken,
+  isSameOrigin,
+  loadConfigFile,
+  loadSaved,
+  realtimeUrl,
+  resolveSettings,
+  saveSettings,
+  toWebSocketUrl,
+  withoutToken,
+} from "../lib/config";
 
-const page = { protocol: "http:", host: "127.0.0.1:8123", origin: "http://127.0.0.1:8123" };
-const securePage = { protocol: "https:", host: "demo.example", origin: "https://demo.example" };
+const page = { protocol: "http:", host: "127.0.0.1:8123", hostname: "127.0.0.1", origin: "http://127.0.0.1:8123" };
+const securePage = { protocol: "https:", host: "demo.example", hostname: "demo.example", origin: "https://demo.example" };
+const lanPage = { protocol: "http:", host: "10.0.0.5:8000", hostname: "10.0.0.5", origin: "http://10.0.0.5:8000" };
 
 describe("endpoint settings", () => {
   it("defaults to the page's own /v1/realtime, ws or wss by the page's protocol", () => {
@@ -29,7 +41,8 @@ describe("endpoint settings", () => {
       tokenSource: "saved",
     });
     const search = "?endpoint=ws%3A%2F%2F127.0.0.1%3A7000%2F&token=q";
-    expect(resolveSettings({ search, location: page, config, saved })).toMatchObject({
+    const listing = { ...config, endpoints: ["ws://127.0.0.1:7000/"] };
+    expect(resolveSettings({ search, location: page, config: listing, saved })).toMatchObject({
       endpoint: "ws://127.0.0.1:7000/",
       token: "q",
       endpointSource: "query",
@@ -69,6 +82,12 @@ describe("config.json and saved settings", () => {
     expect(await loadConfigFile(respond(404, { detail: "Not Found" }))).toBeNull();
   });
 
+  it("reads an endpoints list beside (or instead of) the endpoint, dropping what is not a string", async () => {
+    const body = { endpoint: "wss://a/prod", endpoints: ["wss://b/prod", 7, " "] };
+    expect(await loadConfigFile(respond(200, body))).toEqual({ endpoint: "wss://a/prod", token: undefined, endpoints: ["wss://b/prod"] });
+    expect(await loadConfigFile(respond(200, { endpoints: "wss://b/prod" }))).toEqual({ endpoint: undefined, token: undefined });
+  });
+
   it("reads endpoint and token, ignoring blanks and junk", async () => {
     expect(await loadConfigFile(respond(200, { endpoint: "wss://gw/prod", token: " t " }))).toEqual({ endpoint: "wss://gw/prod", token: "t" });
     expect(await loadConfigFile(respond(200, { endpoint: "", token: 5 }))).toEqual({ endpoint: undefined, token: undefined });
@@ -94,7 +113,7 @@ describe("config.json and saved settings", () => {
 
 describe("unusable endpoints", () => {
   it("are skipped for the next source, and reported", () => {
-    const r = resolveSettings({ search: "?endpoint=ftp%3A%2F%2Fx%2F", location: page, config: { endpoint: "wss://gw.example/prod" } });
+    const r = resolveSettings({ search: "?endpoint=ftp%3A%2F%2Fx%2F", location: securePage, config: { endpoint: "wss://gw.example/prod" } });
     expect(r.endpoint).toBe("wss://gw.example/prod");
     expect(r.endpointSource).toBe("config");
     expect(r.rejected).toEqual([{ source: "query", endpoint: "ftp://x/", reason: expect.stringContaining("ws://") }]);
@@ -104,5 +123,110 @@ describe("unusable endpoints", () => {
     const r = resolveSettings({ search: "?endpoint=http%3A%2F%2F%5B%3A%3A1", location: page });
     expect(r.endpoint).toBe("ws://127.0.0.1:8123/v1/realtime");
     expect(r.rejected).toHaveLength(1);
+  });
+});
+
+describe("which endpoints the page connects to", () => {
+  const gateway = "wss://abc.execute-api.us-east-1.amazonaws.com/prod";
+  const evil = "?endpoint=wss%3A%2F%2Fevil.example%2F";
+
+  it("a link to another host is refused, and the page falls back to its default", () => {
+    const r = resolveSettings({ search: evil, location: securePage });
+    expect(r.endpoint).toBe("wss://demo.example/v1/realtime");
+    expect(r.endpointSource).toBe("default");
+    expect(r.rejected).toEqual([
+      { source: "query", endpoint: "wss://evil.example/", reason: expect.stringContaining("neither this page's server nor listed in config.json") },
+    ]);
+  });
+
+  it("never pairs a saved or config token with an endpoint from the link that is not the page's own or listed", () => {
+    const saved = resolveSettings({ search: evil, location: securePage, saved: { token: "saved-secret" } });
+    expect(saved).toMatchObject({ endpoint: "wss://demo.example/v1/realtime", token: "saved-secret", tokenSource: "saved" });
+    const config = resolveSettings({ search: evil, location: securePage, config: { endpoint: gateway, token: "config-secret" } });
+    expect(config).toMatchObject({ endpoint: gateway, endpointSource: "config", token: "config-secret" });
+    for (const r of [saved, config]) expect(new URL(r.endpoint).host).not.toBe("evil.example");
+  });
+
+  it("a link's token goes only with the link's endpoint: refused together", () => {
+    const r = resolveSettings({ search: `${evil}&token=from-link`, location: securePage, saved: { token: "saved" } });
+    expect(r).toMatchObject({ endpoint: "wss://demo.example/v1/realtime", token: "saved", tokenSource: "saved" });
+    expect(addressToken(r)).toBeNull(); // nor kept
+  });
+
+  it("accepts the page's own origin from a link, whatever the path, with the saved token", () => {
+    const r = resolveSettings({ search: "?endpoint=%2Fother%2Frealtime", location: securePage, saved: { token: "t" } });
+    expect(r).toMatchObject({ endpoint: "wss://demo.example/other/realtime", endpointSource: "query", token: "t" });
+    expect(r.rejected).toEqual([]);
+  });
+
+  it("accepts any endpoint config.json lists, in `endpoint` or in `endpoints`", () => {
+    const config = { endpoint: gateway, endpoints: [gateway, "wss://second.example/prod", "ftp://x/"] };
+    for (const listed of [gateway, "https://second.example/prod/"]) {
+      const r = resolveSettings({ search: `?${new URLSearchParams({ endpoint: listed })}`, location: securePage, saved: { token: "t" }, config });
+      expect(r).toMatchObject({ endpointSource: "query", token: "t", rejected: [] });
+    }
+    expect(resolveSettings({ search: "", location: securePage, config }).listed).toEqual([gateway, "wss://second.example/prod"]);
+    // Listed means this exact endpoint: another path on the same host is not.
+    expect(() => acceptEndpoint("wss://second.example/other", securePage, [gateway, "wss://second.example/prod"])).toThrow(/not listed|nor listed/);
+  });
+
+  it("with only `endpoints`, the first is the default", () => {
+    const r = resolveSettings({ search: "", location: securePage, config: { endpoints: ["wss://a.example/prod", "wss://b.example/prod"] } });
+    expect(r).toMatchObject({ endpoint: "wss://a.example/prod", endpointSource: "config" });
+  });
+
+  it("refuses a saved endpoint that is neither the page's own nor listed", () => {
+    const r = resolveSettings({ search: "", location: securePage, saved: { endpoint: "wss://old-gateway.example/prod", token: "t" } });
+    expect(r).toMatchObject({ endpoint: "wss://demo.example/v1/realtime", endpointSource: "default", token: "t" });
+    expect(r.rejected).toEqual([{ source: "saved", endpoint: "wss://old-gateway.example/prod", reason: expect.stringContaining("config.json") }]);
+  });
+
+  it("another port on the same host is another origin", () => {
+    expect(() => acceptEndpoint("ws://127.0.0.1:7000/v1/realtime", page, [])).toThrow(/nor listed/);
+    expect(acceptEndpoint("ws://127.0.0.1:8123/v1/realtime", page, [])).toBe("ws://127.0.0.1:8123/v1/realtime");
+    // An https page's own origin is wss://, not ws://.
+    expect(() => acceptEndpoint("ws://demo.example/v1/realtime", securePage, [])).toThrow();
+  });
+
+  it("plaintext ws:// only to loopback, or to the page's own host when the page came over http", () => {
+    const listed = ["ws://gw.example/", "ws://localhost:7000/", "ws://127.0.0.2:7000/", "ws://[::1]:7000/", "ws://10.0.0.5:9000/"];
+    expect(() => acceptEndpoint("ws://gw.example/", securePage, listed)).toThrow(/plaintext/);
+    expect(() => acceptEndpoint("ws://gw.example/", lanPage, listed)).toThrow(/plaintext/);
+    for (const loopback of ["ws://localhost:7000/", "ws://127.0.0.2:7000/", "ws://[::1]:7000/"]) {
+      expect(acceptEndpoint(loopback, securePage, listed)).toBe(loopback);
+    }
+    expect(acceptEndpoint("ws://10.0.0.5:9000/", lanPage, listed)).toBe("ws://10.0.0.5:9000/"); // same host, page on http
+    expect(() => acceptEndpoint("ws://10.0.0.5:9000/", securePage, listed)).toThrow(/plaintext/);
+    // Listed in config.json is not enough for plaintext to a remote host either.
+    const r = resolveSettings({ search: "", location: securePage, config: { endpoint: "ws://gw.example/", token: "t" } });
+    expect(r).toMatchObject({ endpoint: "wss://demo.example/v1/realtime", endpointSource: "default" });
+    expect(r.rejected[0]).toMatchObject({ source: "config", reason: expect.stringContaining("plaintext") });
+  });
+
+  it("a host hidden behind userinfo or a protocol-relative path is still another host", () => {
+    expect(() => acceptEndpoint("ws://127.0.0.1:8123@evil.example/v1/realtime", page, [])).toThrow(/nor listed/);
+    expect(() => acceptEndpoint("//evil.example/v1/realtime", securePage, [])).toThrow(/nor listed/);
+  });
+});
+
+describe("tokens in the page address", () => {
+  it("reads the token from the fragment, before the query", () => {
+    expect(resolveSettings({ search: "", hash: "#token=frag", location: page })).toMatchObject({ token: "frag", tokenSource: "query" });
+    expect(resolveSettings({ search: "?token=old", hash: "#token=frag", location: page }).token).toBe("frag");
+    expect(resolveSettings({ search: "?token=old", hash: "", location: page }).token).toBe("old");
+  });
+
+  it("a token the address brought and the page uses is the one to save", () => {
+    const r = resolveSettings({ search: "", hash: "#token=frag", location: page, saved: { token: "older" } });
+    expect(addressToken(r)).toBe("frag");
+    expect(addressToken(resolveSettings({ search: "", location: page, saved: { token: "older" } }))).toBeNull();
+  });
+
+  it("the address bar loses the token, from the query and the fragment, and keeps the rest", () => {
+    expect(withoutToken("http://h/?token=t&voiceProcessing=off")).toBe("http://h/?voiceProcessing=off");
+    expect(withoutToken("http://h/?token=t")).toBe("http://h/");
+    expect(withoutToken("http://h/#token=t")).toBe("http://h/");
+    expect(withoutToken("http://h/?endpoint=%2Fv1%2Frealtime#token=t&x=1")).toBe("http://h/?endpoint=%2Fv1%2Frealtime#x=1");
+    expect(withoutToken("http://h/?voiceProcessing=off#section")).toBeNull();
   });
 });

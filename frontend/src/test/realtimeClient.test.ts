@@ -232,6 +232,22 @@ describe("RealtimeClient: a turn", () => {
     expect(client.getSnapshot().transcript[1].status).toBe("done");
   });
 
+  it("shows the words heard while the person speaks, then the final transcript", () => {
+    const client = makeClient();
+    const s = connect(client);
+    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u", audio_start_ms: 0 });
+    const delta = (text: string) => s.receive({ type: "conversation.item.input_audio_transcription.delta", item_id: "item_u", delta: text });
+    delta("what is");
+    expect(client.getSnapshot().transcript).toEqual([{ id: "item_u", role: "user", text: "what is", status: "pending" }]);
+    delta(" the weather");
+    expect(client.getSnapshot().transcript[0].text).toBe("what is the weather");
+    s.receive({ type: "input_audio_buffer.speech_stopped", item_id: "item_u", audio_end_ms: 1500 });
+    s.receive({ type: "conversation.item.input_audio_transcription.completed", item_id: "item_u", transcript: "what is the weather like" });
+    expect(client.getSnapshot().transcript[0]).toMatchObject({ text: "what is the weather like", status: "done" });
+    delta(" late"); // a delta after the final transcript changes nothing
+    expect(client.getSnapshot().transcript[0].text).toBe("what is the weather like");
+  });
+
   it("shows the person speaking while the server hears speech", () => {
     const client = makeClient();
     const s = connect(client);
