@@ -58,13 +58,15 @@ docker-constraints: $(STAMP)
 	$(PY) docker/freeze_constraints.py
 
 # The AWS path on this machine: the API Gateway emulator with the real Lambda handlers in front of
-# `make demo` (run both with the same CSM_TOKEN; open /?endpoint=ws://127.0.0.1:8765/&token=...).
+# `make demo`. Run both with the same CSM_TOKEN, CSM_BRIDGE_TOKEN (the bridge's own credential) and
+# CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local; list ws://127.0.0.1:8765/ in the page's config.json.
 gateway: $(STAMP)
-	$(PY) -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000
+	CSM_ALLOW_ANONYMOUS=$${CSM_ALLOW_ANONYMOUS:-1} $(PY) -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000
 
 # The whole app on this machine: http://127.0.0.1:8000 (random `tiny` weights unless MODEL_PATH is set).
 demo: $(STAMP) system-deps frontend-build
-	$(VENV)/bin/serve run serve_config.yaml
+	@test -n "$$CSM_TOKEN$$CSM_TOKENS" || echo "make demo: no CSM_TOKEN set, so anyone who reaches port 8000 may talk to it (CSM_ALLOW_ANONYMOUS=1)"
+	CSM_ALLOW_ANONYMOUS=$${CSM_ALLOW_ANONYMOUS:-1} $(VENV)/bin/serve run serve_config.yaml
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)

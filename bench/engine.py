@@ -189,8 +189,9 @@ def bandwidth_floor_ms(model: CSM, device: torch.device) -> tuple[float, float, 
     per_frame = (
         size(model.backbone)
         + model.codebook0_head.weight.numel() * model.codebook0_head.weight.element_size()
-        + n_dec
-        * (size(model.decoder) + model.projection.weight.numel() * model.projection.weight.element_size())
+        # The projection once (the backbone's output): later codebooks' inputs are rows of a projected table.
+        + model.projection.weight.numel() * model.projection.weight.element_size()
+        + n_dec * size(model.decoder)
         + model.audio_head.numel() * model.audio_head.element_size()
     )
     buf = torch.empty(256 * 2**20, dtype=torch.float32, device=device)  # 1 GiB
@@ -234,7 +235,7 @@ def _aliases(out, args) -> bool:
 def frame_ops(name: str, dtype: torch.dtype, streams: int, static_shapes: bool) -> _OpCounter:
     """The ops of one frame step (`Engine._frame`, the body of a CUDA graph) of `streams` streams, for the
     preset built on the `meta` device: the real shapes, no weights, no compute, the ops a GPU would run
-    (no CPU prepacking, no CPU-only casts)."""
+    (no CPU prepacking, no CPU-only casts or copies)."""
     with torch.device("meta"):
         model = CSM(preset(name)).to(dtype)
     model.init_buffers("meta")

@@ -778,6 +778,8 @@ def demo_config(
     ingress["history_dir"] = history
     if token:
         ingress["token"] = token
+    else:
+        ingress["allow_anonymous"] = True  # loopback only: as `make demo`, which sets CSM_ALLOW_ANONYMOUS
     if max_conversations is not None:
         ingress["max_conversations"] = max_conversations
     ingress["streaming_asr"] = asr == "streaming"

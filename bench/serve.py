@@ -134,7 +134,11 @@ def start_app(preset: str, threads: int, slots: int) -> str:
     args = {
         "preset": preset,
         "generator": {"max_slots": slots, "torch_threads": threads},
-        "ingress": {"history_dir": tempfile.mkdtemp(), "max_conversations": max(slots, 8)},
+        "ingress": {
+            "history_dir": tempfile.mkdtemp(),
+            "max_conversations": max(slots, 8),
+            "allow_anonymous": True,  # loopback only, no token
+        },
     }
     serve.run(build_app(args), name="csm", route_prefix="/")
     return f"ws://127.0.0.1:{port}/v1/realtime"

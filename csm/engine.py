@@ -47,7 +47,7 @@ from torch import Tensor
 from csm.host import to_host
 from csm.model import CSM, CacheView
 from csm.presets import ModelArgs
-from csm.sampling import MAX_TOP_K, Mode, sample, sampling_inputs
+from csm.sampling import MAX_TOP_K, Mode, NoiseTables, sample, sampling_inputs, seed_key
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,10 @@ def kv_bytes_per_row(args: ModelArgs, dtype: torch.dtype) -> int:
 
 
 def slot_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Device memory one slot takes: its full backbone KV row (+ scratch column) and depth-decoder KV."""
+    """Device memory one slot takes: its full backbone KV row (+ scratch column) and the depth decoder's
+    queries, keys and values (see `Transformer.new_span_cache`)."""
     d = args.decoder
-    decoder = 2 * d.n_layers * d.n_kv_heads * d.head_dim * (args.num_codebooks + 1)
+    decoder = d.n_layers * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim * (args.num_codebooks + 1)
     return kv_bytes_per_row(args, dtype) * (args.max_seq_len + 1) + decoder * dtype.itemsize
 
 
@@ -198,14 +199,13 @@ class _SlotState:
 
     k: Tensor  # backbone KV: [L, S, Hkv, max_seq_len + 1, D]; the last column is scratch
     v: Tensor
-    dk: Tensor  # depth decoder KV, scratch per frame: [Ld, S, Hkv, num_codebooks + 1, Dd]
-    dv: Tensor
+    dqkv: Tensor  # depth decoder q|k|v, scratch per frame: [Ld, S, Hd + 2 Hkv_d, num_codebooks + 1, Dd]
     next_input: Tensor  # [S, dim]: the backbone input of each slot's next step
     pos: Tensor  # [S] long: position of that input
     active: Tensor  # [S] bool
     temperature: Tensor  # [S] float
     top_k: Tensor  # [S] long
-    seed: Tensor  # [S] long
+    key: Tensor  # [S] long: the request's `seed_key`, its seed hashed once
     frame: Tensor  # [S] long: frames made so far (the sampling noise counter)
     codes: Tensor  # [S, num_codebooks] long: the last frame
 
@@ -220,7 +220,7 @@ class _SlotState:
         pair, flipped = [a, b], [b, a]
         for cache in (self.k, self.v):  # the gathered right side is a copy, so this is a true swap
             cache[:, pair, :, :rows] = cache[:, flipped, :, :rows]
-        for buf in (self.next_input, self.pos, self.active, self.temperature, self.top_k, self.seed):
+        for buf in (self.next_input, self.pos, self.active, self.temperature, self.top_k, self.key):
             buf[pair] = buf[flipped]
         self.frame[pair] = self.frame[flipped]
         self.codes[pair] = self.codes[flipped]
@@ -288,28 +288,28 @@ class Engine:
         s, m, dev = self.config.max_slots, self.model, self.device
         if dev.type == "cpu":
             m.pack_cpu()
+        m.project_audio()
         k, v = m.backbone.new_cache(s, self.max_seq_len + 1, dev, self.dtype)
-        dk, dv = m.decoder.new_cache(s, self.args.num_codebooks + 1, dev, self.dtype)
         self._state = _SlotState(
             k=k,
             v=v,
-            dk=dk,
-            dv=dv,
+            dqkv=m.decoder.new_span_cache(s, self.args.num_codebooks + 1, dev, self.dtype),
             next_input=torch.zeros(s, self.args.backbone.dim, device=dev, dtype=self.dtype),
             pos=torch.zeros(s, dtype=torch.long, device=dev),
             active=torch.zeros(s, dtype=torch.bool, device=dev),
             temperature=torch.zeros(s, device=dev),
             top_k=torch.ones(s, dtype=torch.long, device=dev),
-            seed=torch.zeros(s, dtype=torch.long, device=dev),
+            key=torch.zeros(s, dtype=torch.long, device=dev),
             frame=torch.zeros(s, dtype=torch.long, device=dev),
             codes=torch.zeros(s, self.args.num_codebooks, dtype=torch.long, device=dev),
         )
         # The depth decoder's positions are the same every frame: pass 1 covers 0..1, pass i covers i.
         dec = self.model.decoder
-        self._decoder_rope = [None, dec.rope_at(torch.arange(2, device=dev)[None], self.dtype)] + [
-            dec.rope_at(torch.arange(i, i + 1, device=dev)[None], self.dtype)
-            for i in range(2, self.args.num_codebooks)
+        self._decoder_rope = [None, dec.span_rope(0, 2, self.dtype)] + [
+            dec.span_rope(i, 1, self.dtype) for i in range(2, self.args.num_codebooks)
         ]
+        self._positions = torch.arange(self.max_seq_len, device=dev)
+        self._noise = NoiseTables.make(dev)
         if self.cuda_graphs:
             self._capture_graphs()
         return self
@@ -703,7 +703,7 @@ class Engine:
         st.frame[i].fill_(0)
         st.temperature[i].fill_(sp.temperature)
         st.top_k[i].fill_(sp.top_k)
-        st.seed[i].fill_(sp.seed)
+        st.key[i].fill_(seed_key(sp.seed))  # hashed on the host: a Python int
         st.active[i].fill_(True)
         seq.active = True
         with self._lock:
@@ -753,10 +753,10 @@ class Engine:
         m, st, n_cb = self.model, self._state, self.args.num_codebooks
         pos, active = st.pos[:b], st.active[:b]
         draws = sampling_inputs(
-            st.temperature[:b], st.top_k[:b], st.seed[:b], st.frame[:b] * n_cb, n_cb, k_max, mode
+            st.temperature[:b], st.top_k[:b], st.key[:b], st.frame[:b] * n_cb, n_cb, k_max, mode, self._noise
         )
         write = torch.where(active, pos, self._scratch_pos)[:, None]
-        attn_mask = (torch.arange(kv_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        attn_mask = (self._positions[:kv_len] <= pos[:, None])[:, None, None, :]
         h = m.backbone(
             st.next_input[:b, None],
             m.backbone.rope_at(pos.clamp(max=self.max_seq_len - 1)[:, None], self.dtype),
@@ -766,25 +766,21 @@ class Engine:
         )[:, 0]
         c = sample(m.codebook0_head(h), draws, 0)
         codes = [c]
-        x = m.projection(torch.stack([h, m.embed_audio(0, c)], dim=1))  # [b, 2, decoder dim]
+        x = torch.stack([m.projection(h), m.decoder_input(0, c)], dim=1)  # [b, 2, decoder dim]
         for i in range(1, n_cb):
             # Pass i writes position 0..1 (i = 1) or i, and reads [0, i + 1); every row at the same place.
-            out = m.decoder(
-                x,
-                self._decoder_rope[i],
-                st.dk,
-                st.dv,
-                CacheView(slice(0, b), 0 if i == 1 else i, i + 1, None),
+            out = m.decoder.forward_span(
+                x, self._decoder_rope[i], st.dqkv, CacheView(slice(0, b), 0 if i == 1 else i, i + 1, None)
             )
             c = sample(m.codebook_logits(i, out[:, -1]), draws, i)
             codes.append(c)
             if i < n_cb - 1:
-                x = m.projection(m.embed_audio(i, c))[:, None]
-        frame = torch.stack(codes, dim=1)
-        st.codes[:b] = frame
-        st.next_input[:b] = torch.where(active[:, None], m.embed_frame(frame), st.next_input[:b])
-        st.pos[:b] += active
-        st.frame[:b] += active
+                x = m.decoder_input(i, c)[:, None]
+        frame = torch.stack(codes, dim=1, out=st.codes[:b])
+        # In place, each one op (`buf[:b] += x` would also copy the slice onto itself).
+        torch.where(active[:, None], m.embed_frame(frame), st.next_input[:b], out=st.next_input[:b])
+        st.pos[:b].add_(active)
+        st.frame[:b].add_(active)
 
     # ---- convenience -------------------------------------------------------------------------------
     def run_to_completion(self) -> dict[str, list[np.ndarray]]:

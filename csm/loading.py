@@ -335,8 +335,9 @@ def load_model(
         problems.append(f"missing tensors: {', '.join(missing)}")
     if problems:
         raise ValueError(f"{path} ({fmt} format): " + " | ".join(problems))
-    model.load_state_dict(fuse_projections(state), strict=True, assign=True)
+    model.load_state_dict(fuse_projections(state, args), strict=True, assign=True)
     model.init_buffers(device)
+    model.project_audio()  # here, not at engine setup: memory measured after loading counts it
     return LoadedModel(model.eval(), fmt, str(path))
 
 
@@ -352,4 +353,5 @@ def random_model(
     model = model.to_empty(device=device).to(parse_dtype(dtype))
     model.init_random(seed)
     model.init_buffers(device)
+    model.project_audio()
     return LoadedModel(model.eval(), "random", f"random {preset_name}")

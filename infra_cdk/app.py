@@ -4,7 +4,7 @@
     browser ─► CloudFront + WAF (CsmFrontend: the page, config.json with the endpoint)
     browser ─► API Gateway WebSocket (CsmApi) ─► bridge Lambdas ─► Serve ingress on the Ray head
     Ray head + GPU workers on ECS (CsmCluster), EFS weights + history (CsmStorage), in a VPC (CsmNetwork)
-    (deploy order: the API comes after the cluster it points at)
+    (deploy order: the API comes before the cluster, whose ingress is configured with its @connections URL)
     the image in ECR (CsmRegistry); alarms and a dashboard (CsmMonitoring)
 
 Settings are context values with defaults (csm_infra/config.py, cdk.json); the README says how to deploy.
@@ -36,6 +36,7 @@ def compose(app: cdk.App) -> dict[str, cdk.Stack]:
     registry = RegistryStack(app, "CsmRegistry", settings=settings, env=env)
     network = NetworkStack(app, "CsmNetwork", settings=settings, env=env)
     storage = StorageStack(app, "CsmStorage", vpc=network.vpc, env=env)
+    api = ApiStack(app, "CsmApi", settings=settings, vpc=network.vpc, serve_url=SERVE_URL, env=env)
     cluster = ClusterStack(
         app,
         "CsmCluster",
@@ -44,17 +45,7 @@ def compose(app: cdk.App) -> dict[str, cdk.Stack]:
         mounts=Mounts(storage.file_system, storage.weights, storage.history),
         file_system_security_group=storage.file_system.connections.security_groups[0],
         repository=registry.repository,
-        env=env,
-    )
-    api = ApiStack(
-        app,
-        "CsmApi",
-        settings=settings,
-        vpc=network.vpc,
-        serve_url=SERVE_URL,
-        api_token=cluster.api_token,
-        ray_task_role=cluster.task_role,
-        ray_security_group=cluster.security_group,
+        bridge=api.bridge_link(),
         env=env,
     )
     frontend = FrontendStack(
@@ -76,7 +67,7 @@ def compose(app: cdk.App) -> dict[str, cdk.Stack]:
         worker_service=cluster.worker_service,
         env=env,
     )
-    stacks = [registry, network, storage, cluster, api, frontend, monitoring]
+    stacks = [registry, network, storage, api, cluster, frontend, monitoring]
     for stack in stacks:
         cdk.Tags.of(stack).add("project", "csm-voice")
     add_checks(app)

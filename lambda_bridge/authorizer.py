@@ -61,7 +61,8 @@ def presented_token(query: dict[str, str], headers: dict[str, str]) -> str | Non
 
 
 def authenticate(token: str) -> str | None:
-    """The principal the token proves, or None. With no token configured anywhere, everyone is let in."""
+    """The principal the token proves, or None. With no token configured anywhere, everyone is let in
+    only where that was asked for (`CSM_ALLOW_ANONYMOUS=1`): a missing secret never opens the door."""
     expected = shared_token()
     if expected is not None and hmac.compare_digest(token.encode(), expected.encode()):
         return "shared-token"
@@ -70,7 +71,9 @@ def authenticate(token: str) -> str | None:
         claims = verify_cognito_jwt(token)  # a valid token always has a string `sub`
         return f"cognito:{claims['sub']}" if claims else None
     if expected is None and not s.cognito_user_pool_id:
-        return "anonymous"
+        if os.environ.get("CSM_ALLOW_ANONYMOUS") == "1":
+            return "anonymous"
+        logger().error("no token and no user pool configured, and CSM_ALLOW_ANONYMOUS is not 1: refused")
     return None
 
 

@@ -3,6 +3,11 @@
 Each is a plain function of (event, context). `$default` forwards the client's message untouched to
 the ingress and returns: the reply travels back through `@connections`, posted by the Serve side.
 When the ingress cannot be reached in time, the person gets an `error` event instead of silence.
+
+Every call to the ingress carries the bridge's own token (`settings.bridge_token`), never the users'.
+`$connect` tells the ingress whose conversation it is: the principal the authorizer put in its context
+(or, without an authorizer, the one `$connect` itself authenticated), never anything the client sent.
+Where replies go is the ingress's configuration, not something the bridge tells it.
 """
 
 from __future__ import annotations
@@ -10,14 +15,13 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import os
 import time
 
 from lambda_bridge import connections
 from lambda_bridge.authorizer import authenticate, presented_token
 from lambda_bridge.logs import bind, logger, update
 from lambda_bridge.serve_client import ServeClient, ServeUnavailable
-from lambda_bridge.settings import settings, shared_token
+from lambda_bridge.settings import bridge_token, settings
 
 # Leave the Lambda this long after a forward gives up, to post the error and log.
 _REPORT_MARGIN_S = 1.0
@@ -26,7 +30,7 @@ _REPORT_MARGIN_S = 1.0
 @functools.cache
 def serve() -> ServeClient:
     """The ingress client for this container (kept-alive connections across invocations)."""
-    return ServeClient(settings().serve_url, shared_token())
+    return ServeClient(settings().serve_url, bridge_token())
 
 
 def deadline(context) -> float:
@@ -52,13 +56,10 @@ def connect(event: dict, context) -> dict:
                 log.warning("refused: missing or wrong token")
                 return {"statusCode": 401, "body": "unauthorized"}
         else:
-            principal = (ctx.get("authorizer") or {}).get("principalId")
-        body = {
-            "callback_url": s.callback_for(ctx),
-            "conversation_id": query.get("conversation_id"),
-            "region": os.environ.get("AWS_REGION"),
-            "principal": principal,  # whose conversation: the ingress limits open ones per principal
-        }
+            # What `authorizer.handler` put in the policy's context; API Gateway passes it on as is.
+            principal = (ctx.get("authorizer") or {}).get("principal")
+        # Whose conversation: the ingress limits open ones per principal. A missing one is refused there.
+        body = {"conversation_id": query.get("conversation_id"), "principal": principal}
         try:
             reply = serve().connect(connection_id, body, deadline(context))
         except ServeUnavailable as e:
@@ -71,13 +72,16 @@ def connect(event: dict, context) -> dict:
         if reply.status == 503:
             log.warning("refused: the server is at capacity")
             return {"statusCode": 503, "body": "server busy"}
-        if reply.status == 429:
-            log.warning("refused: %s", reply.body.get("error"))
-            return {"statusCode": 429, "body": "too many open conversations"}
-        if reply.status == 400:
-            log.warning("refused: %s", reply.body.get("error"))
-            return {"statusCode": 400, "body": str(reply.body.get("error"))}
-        log.error("the server refused the bridge (HTTP %s): check SERVE_URL and the token", reply.status)
+        if reply.status in (400, 404, 409, 429):
+            # The person's own request refused (a bad or someone else's conversation id, one that is open
+            # elsewhere, too many open): the handshake fails with that status and the server's reason.
+            log.warning("refused (HTTP %s): %s", reply.status, reply.body.get("error"))
+            return {"statusCode": reply.status, "body": str(reply.body.get("error"))}
+        log.error(
+            "the server refused the bridge (HTTP %s: %s): check SERVE_URL and the bridge token",
+            reply.status,
+            reply.body.get("error"),
+        )
         return {"statusCode": 500, "body": "bridge misconfigured"}
 
 

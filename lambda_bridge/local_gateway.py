@@ -1,8 +1,11 @@
 """A local stand-in for API Gateway's WebSocket API, running the real bridge handlers in-process.
 
-    python -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000 --token SECRET --port 8765
+    CSM_BRIDGE_TOKEN=B CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local \
+        python -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000 --token SECRET --port 8765
 
-Browsers connect to `ws://127.0.0.1:8765/?token=SECRET`. Like API Gateway, it:
+Browsers connect to `ws://127.0.0.1:8765/?token=SECRET`. The handlers present the bridge token to the
+ingress, and `@connections` is served where the ingress is configured to post (its port and stage are
+taken from `CSM_BRIDGE_CALLBACK_URL`): run the ingress with the same two variables. Like API Gateway, it:
 - runs the `$connect` authorizer (with `--authorizer`) and the `$connect` handler during the
   handshake, and refuses the socket with the status they return;
 - accepts text frames only (a binary frame closes the socket with 1003), frames up to 32 KB and
@@ -119,6 +122,7 @@ class LocalGateway:
         serve_url: str,
         *,
         token: str | None = None,
+        bridge_token: str | None = None,
         use_authorizer: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -133,6 +137,7 @@ class LocalGateway:
     ) -> None:
         self.serve_url = serve_url
         self.token = token
+        self.bridge_token = bridge_token  # the handlers' credential for the ingress (BRIDGE_TOKEN)
         self.routes = routes or Routes(authorizer=authorizer_module.handler if use_authorizer else None)
         self.host, self.port, self.management_port = host, port, management_port
         self.stage = stage
@@ -147,6 +152,7 @@ class LocalGateway:
         self._ws: Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._management_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -180,6 +186,10 @@ class LocalGateway:
             await self._ws.wait_closed()
         if self._http is not None:
             self._http.close()
+            # Kept-alive @connections clients (the ingress's boto3 pool) must not be left talking to a
+            # gateway that is gone: another may take the same port, as the tests' fixed callback does.
+            for writer in list(self._management_writers):
+                writer.close()
             await self._http.wait_closed()
         for task in list(self._tasks):
             task.cancel()
@@ -197,6 +207,10 @@ class LocalGateway:
         env["AUTH_MODE"] = "authorizer" if self.routes.authorizer else "handler"
         if self.token is not None:
             env["TOKEN"] = self.token
+        if self.bridge_token is not None:
+            env["BRIDGE_TOKEN"] = self.bridge_token
+        else:
+            os.environ.pop("BRIDGE_TOKEN", None)  # one gateway's token is not the next one's
         if self.forward_deadline_s is not None:
             env["FORWARD_DEADLINE_S"] = str(self.forward_deadline_s)
         os.environ.update(env)
@@ -351,6 +365,7 @@ class LocalGateway:
     # ---- @connections -----------------------------------------------------------------------------
     async def _serve_management(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A small HTTP/1.1 server (kept-alive, Content-Length bodies) for the management API."""
+        self._management_writers.add(writer)
         try:
             while True:
                 line = await reader.readline()
@@ -373,6 +388,7 @@ class LocalGateway:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return
         finally:
+            self._management_writers.discard(writer)
             writer.close()
 
     async def _management(
@@ -439,27 +455,47 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+# Where `@connections` is served unless CSM_BRIDGE_CALLBACK_URL says otherwise.
+DEFAULT_CALLBACK_URL = "http://127.0.0.1:8766/local"
+
+
 def main() -> None:
+    callback = urlsplit(os.environ.get("CSM_BRIDGE_CALLBACK_URL") or DEFAULT_CALLBACK_URL)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-url", default="http://127.0.0.1:8000", help="the Serve ingress")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="WebSocket port")
-    parser.add_argument("--management-port", type=int, default=0, help="@connections port (0: any free)")
-    parser.add_argument("--stage", default="local")
+    parser.add_argument(
+        "--management-port",
+        type=int,
+        default=callback.port or 80,
+        help="@connections port (default: CSM_BRIDGE_CALLBACK_URL's, else 8766; 0: any free)",
+    )
+    parser.add_argument(
+        "--stage", default=callback.path.strip("/") or "local", help="(default: CSM_BRIDGE_CALLBACK_URL's)"
+    )
     parser.add_argument(
         "--token", default=os.environ.get("CSM_TOKEN"), help="shared token (default $CSM_TOKEN)"
+    )
+    parser.add_argument(
+        "--bridge-token",
+        default=os.environ.get("CSM_BRIDGE_TOKEN"),
+        help="the bridge's token for the ingress (default $CSM_BRIDGE_TOKEN; the ingress's must match)",
     )
     parser.add_argument("--authorizer", action="store_true", help="check the token in the Lambda authorizer")
     parser.add_argument(
         "--idle-timeout", type=float, default=IDLE_TIMEOUT_S, help="seconds (API Gateway: 600)"
     )
     args = parser.parse_args()
+    if not args.bridge_token:
+        parser.error("the ingress opens its bridge routes only to the bridge's token: set CSM_BRIDGE_TOKEN")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     async def run() -> None:
         gateway = LocalGateway(
             args.serve_url,
             token=args.token,
+            bridge_token=args.bridge_token,
             use_authorizer=args.authorizer,
             host=args.host,
             port=args.port,
@@ -468,6 +504,7 @@ def main() -> None:
             idle_timeout_s=args.idle_timeout,
         )
         async with gateway:
+            # The ingress must post exactly here: its CSM_BRIDGE_CALLBACK_URL.
             print(f"ready: {gateway.url} (@connections at {gateway.callback_url})", flush=True)
             await asyncio.Future()
 

@@ -1,4 +1,9 @@
-"""The bridge's configuration (environment variables, read once per Lambda container) and its secret.
+"""The bridge's configuration (environment variables, read once per Lambda container) and its two secrets.
+
+The users' token is what people present (the authorizer checks it). The bridge token is the bridge's
+own credential towards the Serve ingress (`Authorization: Bearer` on `/bridge/*`): the users' token does
+not open those routes, so holding it is not enough to speak for someone else or to open conversations
+on the ingress directly.
 
 | variable | meaning |
 |---|---|
@@ -6,6 +11,9 @@
 | `TOKEN_SECRET_ARN` | Secrets Manager secret holding the shared token (a string, or JSON with `token`) |
 | `TOKEN_PARAMETER` | or an SSM SecureString parameter holding it |
 | `TOKEN` | or the token itself (local development only) |
+| `BRIDGE_TOKEN_SECRET_ARN` | Secrets Manager secret holding the bridge token (as for `TOKEN_SECRET_ARN`) |
+| `BRIDGE_TOKEN_PARAMETER` | or an SSM SecureString parameter holding it |
+| `BRIDGE_TOKEN` | or the bridge token itself (local development only) |
 | `AUTH_MODE` | `handler` (default: `$connect` checks `?token=`) or `authorizer` (the authorizer did) |
 | `CALLBACK_URL` | the `@connections` endpoint; default `https://{domainName}/{stage}` from the event |
 | `FORWARD_DEADLINE_S` | the most one forward may take, retries included (default 20; capped below 29 s) |
@@ -34,6 +42,9 @@ class Settings:
     token_secret_arn: str | None = None
     token_parameter: str | None = None
     token: str | None = None
+    bridge_token_secret_arn: str | None = None
+    bridge_token_parameter: str | None = None
+    bridge_token: str | None = None
     cognito_user_pool_id: str | None = None
     cognito_client_ids: tuple[str, ...] = ()
     cognito_region: str | None = None
@@ -65,6 +76,9 @@ class Settings:
             token_secret_arn=env.get("TOKEN_SECRET_ARN") or None,
             token_parameter=env.get("TOKEN_PARAMETER") or None,
             token=env.get("TOKEN") or None,
+            bridge_token_secret_arn=env.get("BRIDGE_TOKEN_SECRET_ARN") or None,
+            bridge_token_parameter=env.get("BRIDGE_TOKEN_PARAMETER") or None,
+            bridge_token=env.get("BRIDGE_TOKEN") or None,
             cognito_user_pool_id=pool_id,
             cognito_client_ids=client_ids,
             cognito_region=env.get("COGNITO_REGION") or env.get("AWS_REGION") or None,
@@ -85,29 +99,44 @@ def settings() -> Settings:
 
 @functools.cache
 def shared_token() -> str | None:
-    """The shared secret, fetched once per container: Secrets Manager, else SSM, else `TOKEN`.
+    """The users' shared token, fetched once per container: Secrets Manager, else SSM, else `TOKEN`.
 
     None means no token is configured: then nothing is checked (local development only).
     """
     s = settings()
-    if s.token_secret_arn:
+    return _secret(s.token_secret_arn, s.token_parameter, s.token)
+
+
+@functools.cache
+def bridge_token() -> str | None:
+    """The bridge's own token for the ingress, fetched once per container, as `shared_token` is.
+
+    None: the bridge presents nothing, and an ingress refuses it (its bridge routes need a token).
+    """
+    s = settings()
+    return _secret(s.bridge_token_secret_arn, s.bridge_token_parameter, s.bridge_token)
+
+
+def _secret(secret_arn: str | None, parameter: str | None, value: str | None) -> str | None:
+    if secret_arn:
         import boto3
 
-        value = boto3.client("secretsmanager").get_secret_value(SecretId=s.token_secret_arn)["SecretString"]
+        text = boto3.client("secretsmanager").get_secret_value(SecretId=secret_arn)["SecretString"]
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(text)
         except json.JSONDecodeError:
-            return value
-        return parsed["token"] if isinstance(parsed, dict) else value
-    if s.token_parameter:
+            return text
+        return parsed["token"] if isinstance(parsed, dict) else text
+    if parameter:
         import boto3
 
-        response = boto3.client("ssm").get_parameter(Name=s.token_parameter, WithDecryption=True)
+        response = boto3.client("ssm").get_parameter(Name=parameter, WithDecryption=True)
         return response["Parameter"]["Value"]
-    return s.token
+    return value
 
 
 def reset() -> None:
-    """Forget the cached settings and secret (tests; a real container never changes its environment)."""
+    """Forget the cached settings and secrets (tests; a real container never changes its environment)."""
     settings.cache_clear()
     shared_token.cache_clear()
+    bridge_token.cache_clear()

@@ -2,8 +2,12 @@
 
 API Gateway holds the browser's socket; the bridge Lambda posts each client message to the ingress
 (`/bridge/connections/{id}/...`), and the conversation's events go back through an `EventSink`. The
-production sink posts to API Gateway's `@connections` API with boto3 (the callback URL comes with the
-connect call); tests may plug in any sink with the same two methods.
+production sink posts to API Gateway's `@connections` API with boto3; tests may plug in any sink with the
+same two methods.
+
+`BridgeAccess` is what makes those routes safe to expose to the bridge's network: the bridge presents a
+token of its own (never the users' token), and the `@connections` URL comes from configuration, never
+from a request, so whoever reaches the ingress cannot make it send signed posts elsewhere.
 
 API Gateway's rules the sink keeps: a message is at most 128 KB (an audio delta over that is split
 into several deltas of whole samples; anything else that large is a bug and becomes an `error`
@@ -17,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hmac
 import json
 import logging
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve_app import protocol as p
@@ -45,6 +52,9 @@ _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 # boto3 calls block; posts for all bridged conversations share these threads (and one client's pool).
 _POSTERS = 32
+# The ingress only ever posts to its one configured callback URL, so one client is cached in practice;
+# the bound is a second lock, so that no caller can grow the cache (and its connection pools) unbounded.
+_CLIENTS = 4
 
 
 class EventSink(Protocol):
@@ -81,8 +91,59 @@ def split_message(data: str, limit: int = MAX_MESSAGE_BYTES) -> list[str]:
     return parts
 
 
-@functools.cache
-def _client(callback_url: str, region: str | None):
+class BridgeRefused(Exception):
+    """A bridge request the ingress will not act on; `status` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BridgeAccess:
+    """The bridge's credential and the one `@connections` endpoint replies go to, both from configuration.
+
+    Without either the bridge routes are off (403): an ingress never serves them open.
+    """
+
+    token: str | None = field(repr=False)  # never in a log line
+    callback_url: str | None
+
+    @classmethod
+    def resolve(cls, token: str | None, callback_url: str | None) -> BridgeAccess:
+        """The config's values, else `$CSM_BRIDGE_TOKEN` and `$CSM_BRIDGE_CALLBACK_URL`."""
+        token = token or os.environ.get("CSM_BRIDGE_TOKEN") or None
+        url = (callback_url or os.environ.get("CSM_BRIDGE_CALLBACK_URL") or "").rstrip("/") or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"the bridge's callback URL must be http(s), not {url!r}")
+        return cls(token, url)
+
+    def check(self, authorization: str | None) -> None:
+        """Raise BridgeRefused unless the caller presented the bridge's token (`Authorization: Bearer`)."""
+        if self.token is None or self.callback_url is None:
+            missing = "CSM_BRIDGE_TOKEN" if self.token is None else "CSM_BRIDGE_CALLBACK_URL"
+            raise BridgeRefused(403, f"the bridge is off on this server: {missing} is not configured")
+        given = _bearer(authorization)
+        if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise BridgeRefused(401, "unauthorized: the bridge's own token is required")
+
+    def callback(self, named: object) -> str:
+        """The configured callback URL. A request may repeat it, never name another: a different one
+        is refused before anything is sent anywhere."""
+        assert self.callback_url is not None  # `check` passed
+        if named is None or (isinstance(named, str) and named.rstrip("/") == self.callback_url):
+            return self.callback_url
+        raise BridgeRefused(400, "callback_url: replies go only to the server's configured endpoint")
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return None
+
+
+@functools.lru_cache(maxsize=_CLIENTS)
+def _client(callback_url: str):
     import boto3  # only bridged deployments need it loaded
     from botocore.config import Config
 
@@ -93,9 +154,8 @@ def _client(callback_url: str, region: str | None):
         read_timeout=5,
         max_pool_connections=_POSTERS,
     )
-    return boto3.client(
-        "apigatewaymanagementapi", endpoint_url=callback_url, region_name=region, config=config
-    )
+    # The region (for SigV4) is the environment's: AWS_REGION on ECS, AWS_DEFAULT_REGION locally.
+    return boto3.client("apigatewaymanagementapi", endpoint_url=callback_url, config=config)
 
 
 @functools.cache
@@ -104,10 +164,10 @@ def _posters() -> ThreadPoolExecutor:
 
 
 class ApiGatewaySink:
-    """Posts events to API Gateway's `@connections` management API."""
+    """Posts events to API Gateway's `@connections` management API (`callback_url`: the configured one)."""
 
-    def __init__(self, callback_url: str, region: str | None = None, retry_budget_s: float = RETRY_BUDGET_S):
-        self.client = _client(callback_url, region)
+    def __init__(self, callback_url: str, retry_budget_s: float = RETRY_BUDGET_S):
+        self.client = _client(callback_url)
         self.retry_budget_s = retry_budget_s
         self._connecting_until = time.monotonic() + CONNECTING_GRACE_S
         self._gone = self.client.exceptions.GoneException

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,9 @@ from speech.vad import SileroVad, TurnDetector, VadConfig
 log = logging.getLogger(__name__)
 
 ASSISTANT, PERSON = 0, 1  # CSM speaker ids
+# The VAD runs here for every conversation of the replica: in two worker threads (torch at one thread
+# each, see TurnDetector), so a burst of audio never stalls the event loop's sockets.
+_VAD_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
 FRAME_MS = 80
 SAMPLES_PER_MS = p.SAMPLE_RATE // 1000
 
@@ -51,6 +55,13 @@ class Limits(BaseModel):
     max_reply_seconds: float = Field(30.0, gt=0)  # audio in one reply (a client may ask for less)
     max_text_chars: int = Field(2000, ge=1)  # one typed turn, and the instructions
     max_history_turns: int = Field(200, ge=1)  # kept in memory; CSM's context keeps what fits anyway
+    max_system_notes: int = Field(32, ge=0)  # system messages kept; each goes into every reply's prompt
+    max_turns_finishing: int = Field(2, ge=1)  # committed turns still being encoded and transcribed
+    # The person's audio may arrive at most this much faster than real time, sustained, beyond a burst
+    # (a page catching up after a network hiccup): over it, chunks are refused, so one client cannot make
+    # the VAD and the recognizer work at 50x real time.
+    audio_rate: float = Field(1.2, gt=0)
+    audio_burst_s: float = Field(2.0, ge=0)
 
 
 @dataclass
@@ -152,6 +163,8 @@ class Conversation:
         self._turn_ended_at: float | None = None
         self._quiet_since = time.monotonic()  # when the conversation last stopped being busy
         self._segments: dict[str, tuple[int, list[Segment]]] = {}  # a turn's context segments, made once
+        self._audio_budget = limits.audio_burst_s * p.SAMPLE_RATE
+        self._audio_at = time.monotonic()
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,7 +206,7 @@ class Conversation:
                 case p.SessionUpdate():
                     self._update_session(event)
                 case p.InputAudioBufferAppend():
-                    self._append(event.samples)
+                    await self._append(event.samples)
                 case p.InputAudioBufferCommit():
                     self._commit()
                 case p.InputAudioBufferClear():
@@ -257,9 +270,27 @@ class Conversation:
         return self.default_voice if voice == p.DEFAULT_VOICE else voice
 
     # ---- the person's audio -----------------------------------------------------------------------
-    def _append(self, pcm: np.ndarray) -> None:
+    def _audio_allowed(self, samples: int) -> bool:
+        """The audio budget: `audio_rate` × real time sustained, `audio_burst_s` at once."""
+        now = time.monotonic()
+        rate = self.limits.audio_rate * p.SAMPLE_RATE
+        burst = self.limits.audio_burst_s * p.SAMPLE_RATE + samples
+        self._audio_budget = min(burst, self._audio_budget + (now - self._audio_at) * rate)
+        self._audio_at = now
+        if samples > self._audio_budget:
+            return False
+        self._audio_budget -= samples
+        return True
+
+    async def _append(self, pcm: np.ndarray) -> None:
         if pcm.size == 0:
             return
+        if not self._audio_allowed(pcm.size):
+            raise p.ProtocolError(
+                "rate_limited",
+                f"audio arrives faster than {self.limits.audio_rate:g}x real time; this chunk was dropped",
+                "audio",
+            )
         vad = self.session.audio.input.turn_detection
         if vad is None:  # push-to-talk: everything until the commit is the turn
             if self.turn is None:
@@ -267,7 +298,12 @@ class Conversation:
             self._push_turn_audio(pcm)
             return
         assert self.detector is not None
-        events = self.detector.push(pcm.astype(np.float32) / 32768.0)
+        detector = self.detector
+        events = await asyncio.get_running_loop().run_in_executor(
+            _VAD_THREADS, detector.push, pcm.astype(np.float32) / 32768.0
+        )
+        if self.detector is not detector:  # the session changed the turn detection meanwhile
+            return
         if self.turn is None:
             keep = vad.prefix_padding_ms * SAMPLES_PER_MS + pcm.size + 2 * FRAME_SIZE
             self._prefix = np.concatenate([self._prefix, pcm])[-keep:]
@@ -313,6 +349,11 @@ class Conversation:
             self._commit(auto_response=auto is not None and auto.create_response)
 
     def _commit(self, auto_response: bool = False) -> None:
+        if len(self._finishing) >= self.limits.max_turns_finishing:  # the buffer stays as it is
+            raise p.ProtocolError(
+                "limit_exceeded",
+                f"{len(self._finishing)} turns are still being transcribed; commit again once one is done",
+            )
         turn, self.turn = self.turn, None
         if turn is None or turn.stream.samples == 0:
             raise p.ProtocolError("empty_buffer", "the input audio buffer is empty: nothing to commit")
@@ -378,6 +419,12 @@ class Conversation:
             raise p.ProtocolError(
                 "limit_exceeded", f"text over {self.limits.max_text_chars} characters", "item"
             )
+        if message.role == "system" and len(self.system_notes) >= self.limits.max_system_notes:
+            raise p.ProtocolError(
+                "limit_exceeded",
+                f"a conversation keeps at most {self.limits.max_system_notes} system notes",
+                "item",
+            )
         item = message.to_item()
         previous = self.history[-1].item_id if self.history else None
         self.send(p.ConversationItemAdded(item=item, previous_item_id=previous))
@@ -419,6 +466,12 @@ class Conversation:
         if self.reply is not None:
             raise p.ProtocolError(
                 "response_in_progress", "a response is already in progress; cancel it first"
+            )
+        if params is not None and len(params.instructions or "") > self.limits.max_text_chars:
+            raise p.ProtocolError(
+                "limit_exceeded",
+                f"instructions over {self.limits.max_text_chars} characters",
+                "response.instructions",
             )
         response = p.RealtimeResponse(conversation_id=self.id)
         reply = _Reply(response)

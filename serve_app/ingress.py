@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -32,9 +32,14 @@ from ray.serve.handle import DeploymentHandle
 from deployments.generator import PromptUse
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
-from serve_app.bridge import ApiGatewaySink, EventSink
+from serve_app.bridge import ApiGatewaySink, BridgeAccess, BridgeRefused, EventSink
 from serve_app.conversation import Conversation, Handles, Limits, Observer
-from serve_app.history import HistoryStore, check_conversation_id
+from serve_app.history import (
+    LEASE_S,
+    ConversationNotFound,
+    HistoryStore,
+    check_conversation_id,
+)
 from serve_app.voices import NO_VOICE, VoiceLibrary
 from speech.vad import load_vad_model
 
@@ -49,12 +54,22 @@ class IngressConfig(BaseModel):
     history_dir: str | None = None  # default: $HISTORY_DIR, else ./history
     voices_dir: str | None = None  # default: $VOICES_DIR
     default_voice: str = NO_VOICE
-    token: str | None = None  # default: $CSM_TOKEN; none: no token needed
+    token: str | None = None  # default: $CSM_TOKEN; its holder's principal is "token"
+    # Named tokens, one principal each ("token:<name>"): default $CSM_TOKENS, "name=token,name=token".
+    tokens: dict[str, str] = Field(default_factory=dict)
+    # No token at all lets everyone in as "anonymous", and only when asked for (default
+    # $CSM_ALLOW_ANONYMOUS=1; `make demo` sets it and says so): silence is never an open door.
+    allow_anonymous: bool | None = None
     frontend_dir: str | None = None  # default: frontend/dist of the checkout
     max_conversations: int = Field(16, ge=1)
     # Open conversations one token may hold (per ingress replica); the bridge passes its authorizer's
     # principal instead (a Cognito user, say). Off by default: the demo's one shared token is everyone's.
     max_conversations_per_token: int | None = Field(None, ge=1)
+    # The Lambda bridge's own token (`Authorization: Bearer` on /bridge/*; the users' token never opens
+    # them), default $CSM_BRIDGE_TOKEN; and where bridged replies go, the API's `@connections` endpoint,
+    # default $CSM_BRIDGE_CALLBACK_URL. Without both the bridge routes are off (403).
+    bridge_token: str | None = None
+    bridge_callback_url: str | None = None
     max_message_bytes: int = Field(p.DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     max_audio_ms_per_message: int = Field(1000, ge=20)
     events_per_second: float = Field(50.0, gt=0)  # sustained, per conversation
@@ -63,6 +78,8 @@ class IngressConfig(BaseModel):
     # Recognize each turn while it is spoken (`SpeechRecognizer.push`); off: once the turn has ended.
     streaming_asr: bool = True
     limits: Limits = Field(default_factory=Limits)
+    history_retention_days: float | None = Field(30.0, gt=0)  # None: kept forever
+    max_history_mb: float = Field(64.0, gt=0)  # one conversation's file; compacted to its last turns
 
 
 class _RateLimit:
@@ -92,6 +109,15 @@ class _Session:
         self.outbox = outbox
         self.rate = _RateLimit(cfg.events_per_second, cfg.event_burst)
         self.cfg = cfg
+        self.close_code, self.close_reason = 1000, ""
+
+    def take_over(self) -> None:
+        """A newer connection has the conversation: say so, then the emit loop closes this socket."""
+        if self.close_code == CLOSE_TAKEN_OVER:
+            return
+        self.close_code, self.close_reason = CLOSE_TAKEN_OVER, "taken over"
+        self.outbox.put_nowait(p.error_event("conversation_taken_over", TAKEN_OVER))
+        self.outbox.put_nowait(None)
 
     async def receive(self, raw: str | bytes) -> None:
         if not self.rate.allow():
@@ -109,6 +135,74 @@ class _Session:
             self.conversation.report(e)
             return
         await self.conversation.handle(event)
+
+
+CLOSE_TAKEN_OVER = 4001  # the page does not reconnect after it (it would take the conversation back)
+NOT_FOUND = "no conversation with that id is yours to resume; connect without conversation_id for a new one"
+TAKEN_OVER = "this conversation was opened on another connection, which now has it"
+
+
+class _Lease:
+    """A conversation held by one connection. Every LEASE_S / 3 it checks that it still holds it; once a
+    newer connection took it over (here or on another replica), `lost` runs, which closes this one."""
+
+    def __init__(self, store: HistoryStore, conversation_id: str, holder: str, history: list) -> None:
+        self.store, self.conversation_id, self.holder, self.history = store, conversation_id, holder, history
+        self.lost: Callable[[], None] = lambda: None
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "_Lease":
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.store.release(self.conversation_id, self.holder)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            try:
+                held = await self.store.holds(self.conversation_id, self.holder)
+            except OSError:
+                log.warning("conversation lease check failed", exc_info=True)
+                continue
+            if not held:
+                self.lost()
+                return
+
+
+def access(cfg: IngressConfig, env: Mapping[str, str]) -> tuple[dict[str, str], bool]:
+    """Who may connect: (name → token, whether anyone may, as "anonymous"), from the config, else the
+    environment (`CSM_TOKEN`, `CSM_TOKENS`, `CSM_ALLOW_ANONYMOUS`). No token and no opt-in is an error."""
+    tokens = _named_tokens(cfg.tokens or env.get("CSM_TOKENS", ""))
+    token = cfg.token or env.get("CSM_TOKEN") or None
+    if token is not None:
+        tokens.setdefault("token", token)
+    anonymous = env.get("CSM_ALLOW_ANONYMOUS") == "1" if cfg.allow_anonymous is None else cfg.allow_anonymous
+    if not tokens and not anonymous:
+        raise ValueError(
+            "no token configured (CSM_TOKEN, CSM_TOKENS or ingress.token/tokens): set one, or let "
+            "everyone in on purpose with CSM_ALLOW_ANONYMOUS=1 (ingress.allow_anonymous)"
+        )
+    if not tokens:
+        log.warning("no token configured: every client is let in as 'anonymous' (CSM_ALLOW_ANONYMOUS=1)")
+    return tokens, anonymous and not tokens
+
+
+def _named_tokens(tokens: dict[str, str] | str) -> dict[str, str]:
+    """name → token, from the config's dict or `CSM_TOKENS` ("alice=s3cret,bob=0ther")."""
+    if isinstance(tokens, dict):
+        pairs = list(tokens.items())
+    else:
+        pairs = [tuple(part.split("=", 1)) for part in tokens.split(",") if part.strip()]
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if len(pair) != 2 or not pair[0].strip() or not pair[1].strip():
+            raise ValueError("CSM_TOKENS must be name=token pairs, separated by commas")
+        out[pair[0].strip()] = pair[1].strip()
+    return out
 
 
 def _presented(query_token: str | None, authorization: str | None) -> str | None:
@@ -149,22 +243,33 @@ class ConversationIngress:
         cfg = IngressConfig.model_validate(config or {})
         self.cfg = cfg
         self.handles = Handles(generator, decoder, tokenizer, recognizer, responder)
-        self.store = HistoryStore(cfg.history_dir or os.environ.get("HISTORY_DIR") or "history")
+        self.store = HistoryStore(
+            cfg.history_dir or os.environ.get("HISTORY_DIR") or "history",
+            max_turns=cfg.limits.max_history_turns,
+            max_bytes=int(cfg.max_history_mb * (1 << 20)),
+            retention_s=None if cfg.history_retention_days is None else cfg.history_retention_days * 86400,
+        )
         self.voices = VoiceLibrary(cfg.voices_dir or os.environ.get("VOICES_DIR"), tokenizer)
         if not self.voices.exists(cfg.default_voice):
             raise ValueError(f"default voice {cfg.default_voice!r} not found; known: {self.voices.names()}")
         self.token = cfg.token or os.environ.get("CSM_TOKEN") or None
+        self.tokens, self.anonymous = access(cfg, os.environ)
         self.frontend = Path(cfg.frontend_dir) if cfg.frontend_dir else ROOT / "frontend" / "dist"
         set_torch_threads(1)  # the VAD runs here, per chunk: one thread (see TurnDetector)
         self.vad = load_vad_model()
         self._ending: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self._random: bool | None = None
         self._cache: p.CacheBudget | None = None  # the generator's KV cache budget, with `_random`
-        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        # Clients see an opaque tag of the ingress replica (for support and fault tests), not its name.
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        self.replica = hashlib.sha256(replica.encode()).hexdigest()[:12]
         self.slots = asyncio.Semaphore(cfg.max_conversations)
         self.active: dict[int, _Session] = {}
+        self.live: dict[str, _Session] = {}  # conversation id -> its socket's session, on this replica
         self.bridged: dict[str, tuple[_Session, asyncio.Task, EventSink]] = {}
         self.bridged_principal: dict[str, str] = {}
+        self.bridge = BridgeAccess.resolve(cfg.bridge_token, cfg.bridge_callback_url)
         self.per_token: Counter[str] = Counter()
         self._m_active = metrics.Gauge("csm_conversations_active", description="Open conversations.")
         self._m_turn = metrics.Histogram(
@@ -216,8 +321,9 @@ class ConversationIngress:
                 ),
                 timeout=10,
             )
-        except Exception as e:
-            return JSONResponse({"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
+        except Exception:
+            log.warning("readyz: a deployment did not answer", exc_info=True)  # details stay in the log
+            return JSONResponse({"ready": False, "error": "a model deployment is not ready"}, status_code=503)
         random = bool(gen["random_weights"] or dec["random_weights"] or tok["random_weights"])
         self._random, self._cache = random, p.CacheBudget.of(gen["cache"])
         body = {
@@ -268,69 +374,122 @@ class ConversationIngress:
     # ---- the realtime socket ----------------------------------------------------------------------
     @app.websocket("/v1/realtime")
     async def realtime(self, ws: WebSocket) -> None:
-        if not self._authorized(ws.query_params.get("token"), ws.headers.get("authorization")):
+        principal = self._identify(ws.query_params.get("token"), ws.headers.get("authorization"))
+        if principal is None:
             # Accepted, then closed: a browser sees close code 1008 and a reason (a refused handshake
             # reaches it only as 1006, which looks like a dead server).
-            await ws.accept()
-            await ws.send_text(p.error_event("unauthorized", "a valid token is required (?token=)").to_json())
-            await ws.close(code=1008, reason="unauthorized")
-            return
-        try:
-            conversation_id = check_conversation_id(
-                ws.query_params.get("conversation_id") or p.new_id("conv")
+            await self._refuse(
+                ws, "unauthorized", "a valid token is required (?token=)", 1008, "unauthorized"
             )
-        except ValueError as e:
-            await ws.accept()
-            await ws.send_text(p.error_event("invalid_event", str(e), param="conversation_id").to_json())
-            await ws.close(code=1008, reason="bad conversation id")
             return
+        requested = ws.query_params.get("conversation_id")
+        if requested is not None:
+            try:
+                check_conversation_id(requested)
+            except ValueError as e:
+                await self._refuse(
+                    ws, "invalid_event", str(e), 1008, "bad conversation id", "conversation_id"
+                )
+                return
         await ws.accept()
         if self._full():
-            await ws.send_text(
-                p.error_event("server_busy", "the server is at capacity; try again shortly").to_json()
+            await self._refuse(
+                ws, "server_busy", "the server is at capacity; try again shortly", 1013, "server busy"
             )
-            await ws.close(code=1013, reason="server busy")
             return
-        principal = self._principal(ws.query_params.get("token"), ws.headers.get("authorization"))
         if not self._take(principal):
-            await ws.send_text(p.error_event("limit_exceeded", self._per_token_message()).to_json())
-            await ws.close(code=1008, reason="too many conversations")
+            await self._refuse(
+                ws, "limit_exceeded", self._per_token_message(), 1008, "too many conversations"
+            )
             return
         async with self.slots, self._holding(principal):
-            session = await self._open(conversation_id)
-            self.active[id(session)] = session
-            self._count_conversations()
-            emit = asyncio.create_task(self._emit(ws, session.outbox))
-            idle_s = self.cfg.idle_timeout_s
             try:
+                lease = await self._claim(requested, principal)
+            except ConversationNotFound:
+                await self._refuse(ws, "conversation_not_found", NOT_FOUND, 1008, "unknown conversation")
+                return
+            async with lease:
+                session = await self._open_session(lease.conversation_id, lease.history)
+                lease.lost = session.take_over
+                self.live[lease.conversation_id] = session
+                try:
+                    await self._serve_socket(ws, session)
+                finally:
+                    if self.live.get(lease.conversation_id) is session:
+                        del self.live[lease.conversation_id]
+
+    async def _refuse(
+        self,
+        ws: WebSocket,
+        code: p.ErrorCode,
+        message: str,
+        close: int,
+        reason: str,
+        param: str | None = None,
+    ) -> None:
+        if ws.client_state.name == "CONNECTING":
+            await ws.accept()
+        await ws.send_text(p.error_event(code, message, param=param).to_json())
+        await ws.close(code=close, reason=reason)
+
+    async def _claim(self, requested: str | None, principal: str) -> "_Lease":
+        """The principal's conversation `requested` (its history), or a new one; held until released."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if requested is None:
+            conversation_id, history = await self.store.create(principal), []
+        else:
+            conversation_id, history = requested, await self.store.open(requested, principal)
+        holder = p.new_id("conn")
+        await self.store.claim(conversation_id, holder)
+        older = self.live.get(conversation_id)
+        if older is not None:  # on this replica: closed now (on another, at its next lease check)
+            older.take_over()
+        return _Lease(self.store, conversation_id, holder, history)
+
+    async def _sweep(self) -> None:
+        """Delete conversations past their retention: now, then hourly (every replica does; it is cheap)."""
+        while True:
+            try:
+                gone = await self.store.sweep()
+                if gone:
+                    log.info("history: %d conversations past their retention deleted", gone)
+            except OSError:
+                log.warning("history sweep failed", exc_info=True)
+            await asyncio.sleep(3600)
+
+    async def _serve_socket(self, ws: WebSocket, session: "_Session") -> None:
+        self.active[id(session)] = session
+        self._count_conversations()
+        emit = asyncio.create_task(self._emit(ws, session))
+        idle_s = self.cfg.idle_timeout_s
+        try:
+            wait = idle_s
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.receive(), timeout=wait)
+                except TimeoutError:
+                    # Idle: no message for idle_s, and nothing transcribed or spoken for idle_s either
+                    # (the clock restarts when a reply ends, not at the person's last message).
+                    quiet = session.conversation.quiet_for()
+                    if quiet < idle_s:
+                        wait = idle_s - quiet
+                        continue
+                    session.conversation.send(p.error_event("limit_exceeded", "idle for too long; closing"))
+                    break
                 wait = idle_s
-                while True:
-                    try:
-                        message = await asyncio.wait_for(ws.receive(), timeout=wait)
-                    except TimeoutError:
-                        # Idle: no message for idle_s, and nothing transcribed or spoken for idle_s either
-                        # (the clock restarts when a reply ends, not at the person's last message).
-                        quiet = session.conversation.quiet_for()
-                        if quiet < idle_s:
-                            wait = idle_s - quiet
-                            continue
-                        session.conversation.send(
-                            p.error_event("limit_exceeded", "idle for too long; closing")
-                        )
-                        break
-                    wait = idle_s
-                    if message["type"] == "websocket.disconnect":
-                        break
-                    raw = message.get("text") if message.get("text") is not None else message.get("bytes")
-                    await session.receive(raw or "")
-            except WebSocketDisconnect:
-                pass
-            finally:
-                await session.conversation.close()
-                session.outbox.put_nowait(None)
-                await asyncio.gather(emit, return_exceptions=True)
-                self.active.pop(id(session), None)
-                self._count_conversations()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text") if message.get("text") is not None else message.get("bytes")
+                await session.receive(raw or "")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await session.conversation.close()
+            session.outbox.put_nowait(None)
+            await asyncio.gather(emit, return_exceptions=True)
+            self.active.pop(id(session), None)
+            self._count_conversations()
 
     def _full(self) -> bool:
         """Admission: at capacity, a new conversation is refused at once, never queued."""
@@ -342,20 +501,19 @@ class ConversationIngress:
     def _count_conversations(self) -> None:
         self._m_active.set(len(self.active) + len(self.bridged))
 
-    async def _emit(self, ws: WebSocket, outbox: asyncio.Queue[p.ServerEvent | None]) -> None:
-        while (event := await outbox.get()) is not None:
+    async def _emit(self, ws: WebSocket, session: "_Session") -> None:
+        while (event := await session.outbox.get()) is not None:
             try:
                 await ws.send_text(event.to_json())
             except Exception:  # the socket is gone; the receive loop ends the conversation
                 return
         try:
-            await ws.close()
+            await ws.close(code=session.close_code, reason=session.close_reason)
         except Exception:
             pass
 
-    async def _open(self, conversation_id: str) -> _Session:
+    async def _open_session(self, conversation_id: str, history: list) -> _Session:
         outbox: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()
-        history = await self.store.load(conversation_id)
         conversation = Conversation(
             conversation_id,
             self.handles,
@@ -398,16 +556,22 @@ class ConversationIngress:
         self._m_prefilled.observe(sum(u.prefilled for u in uses))
         self._m_reused.observe(sum(u.reused for u in uses))
 
-    def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
-        if self.token is None:
-            return True
+    def _identify(self, query_token: str | None, authorization: str | None) -> str | None:
+        """The principal a client's token names ("token:<name>"), "anonymous" where that is allowed,
+        or None: refused. Every configured token is compared, in constant time each."""
         given = _presented(query_token, authorization)
-        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+        if not self.tokens:
+            return "anonymous" if self.anonymous else None
+        if given is None:
+            return None
+        found = None
+        for name, token in self.tokens.items():
+            if hmac.compare_digest(given.encode(), token.encode()):
+                found = f"token:{name}"
+        return found
 
-    def _principal(self, query_token: str | None, authorization: str | None) -> str:
-        """Who holds a direct socket, for the per-token limit: a digest of the token, never the token."""
-        given = _presented(query_token, authorization)
-        return "token:" + hashlib.sha256(given.encode()).hexdigest()[:16] if given else "anonymous"
+    def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
+        return self._identify(query_token, authorization) is not None
 
     def _take(self, principal: str) -> bool:
         """Count one more conversation for `principal`, unless it already holds its limit."""
@@ -441,12 +605,13 @@ class ConversationIngress:
         return connection_id
 
     # Connection ids are API Gateway's (base64-like: they may hold '/' and '='), hence `:path`; the
-    # events route comes first so that ".../events" is never read as a connection id.
+    # events route comes first so that ".../events" is never read as a connection id. Every route
+    # takes the bridge's own token first: nothing of a refused call reaches a conversation.
     @app.post("/bridge/connections/{connection_id:path}/events")
     async def bridge_event(self, connection_id: str, request: Request) -> JSONResponse:
+        if (refused := self._bridge_refusal(request)) is not None:
+            return refused
         await self._route(connection_id)
-        if not self._authorized(None, request.headers.get("authorization")):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         entry = self.bridged.get(connection_id)
         if entry is None:
             return JSONResponse({"error": "unknown connection"}, status_code=404)
@@ -455,6 +620,8 @@ class ConversationIngress:
 
     @app.post("/bridge/connections/{connection_id:path}")
     async def bridge_connect(self, connection_id: str, request: Request) -> JSONResponse:
+        if (refused := self._bridge_refusal(request)) is not None:
+            return refused
         await self._route(connection_id)
         try:
             body = json.loads(await request.body())
@@ -462,62 +629,94 @@ class ConversationIngress:
             body = None
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        token = body.get("token") if isinstance(body.get("token"), str) else None
-        if not self._authorized(token, request.headers.get("authorization")):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         if connection_id in self.bridged:  # the bridge retried a connect we had already done
             return JSONResponse({"conversation_id": self.bridged[connection_id][0].conversation.id})
-        callback = body.get("callback_url")
-        if not isinstance(callback, str) or not callback.startswith(("http://", "https://")):
-            return JSONResponse({"error": "callback_url (http or https) is required"}, status_code=400)
         try:
-            conversation_id = body.get("conversation_id") or p.new_id("conv")
-            region = body.get("region")
-            if not isinstance(conversation_id, str) or not isinstance(region, str | None):
-                raise ValueError("conversation_id and region must be strings")
-            conversation_id = check_conversation_id(conversation_id)
-        except ValueError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        principal = body.get("principal")
-        if not isinstance(principal, str) or not principal:
-            principal = "bridge:anonymous"
+            callback = self.bridge.callback(body.get("callback_url"))
+            requested, principal = self._bridge_opening(body)
+        except BridgeRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
         if self._full():
             return JSONResponse({"error": "server busy"}, status_code=503)
         if not self._take(principal):
             return JSONResponse({"error": self._per_token_message()}, status_code=429)
-        self.bridged_principal[connection_id] = principal
         await self.slots.acquire()
         try:
-            session = await self._open(conversation_id)
-        except BaseException:
+            lease, session = await self._bridge_open(requested, principal)
+        except BaseException as e:
             self.slots.release()
-            self._release(self.bridged_principal.pop(connection_id))
+            self._release(principal)
+            if isinstance(e, BridgeRefused):
+                return JSONResponse({"error": str(e)}, status_code=e.status)
             raise
-        sink = ApiGatewaySink(callback, region)
-        task = asyncio.create_task(self._bridge_emit(connection_id, session, sink))
+        self.bridged_principal[connection_id] = principal
+        sink = ApiGatewaySink(callback)
+        task = asyncio.create_task(self._bridge_emit(connection_id, session, sink, lease))
         self.bridged[connection_id] = (session, task, sink)
         self._count_conversations()
-        log.info("bridge %s: conversation %s opened", connection_id, conversation_id)
-        return JSONResponse({"conversation_id": conversation_id})
+        log.info("bridge %s: conversation %s opened", connection_id, lease.conversation_id)
+        return JSONResponse({"conversation_id": lease.conversation_id})
 
     @app.delete("/bridge/connections/{connection_id:path}")
     async def bridge_disconnect(self, connection_id: str, request: Request) -> JSONResponse:
+        if (refused := self._bridge_refusal(request)) is not None:
+            return refused
         await self._route(connection_id)
-        if not self._authorized(None, request.headers.get("authorization")):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         entry = self.bridged.get(connection_id)
         await self._bridge_end(connection_id)
         return JSONResponse({"conversation_id": entry[0].conversation.id if entry else None})
 
-    async def _bridge_emit(self, connection_id: str, session: _Session, sink: EventSink) -> None:
-        while (event := await session.outbox.get()) is not None:
-            if not await sink.send(connection_id, event.to_json()):
-                log.info(
-                    "bridge %s: conversation %s: the connection is gone",
-                    connection_id,
-                    session.conversation.id,
-                )
-                break
+    def _bridge_refusal(self, request: Request) -> JSONResponse | None:
+        """None for the bridge itself; otherwise the answer (the users' token is not the bridge's)."""
+        try:
+            self.bridge.check(request.headers.get("authorization"))
+        except BridgeRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        return None
+
+    @staticmethod
+    def _bridge_opening(body: dict) -> tuple[str | None, str]:
+        """(conversation to resume or None, principal) of a connect. The principal is whom the bridge's
+        authorizer admitted; it is taken as given because the bridge's token authenticated the caller,
+        and it is required: it owns the conversation and counts against its limit."""
+        requested = body.get("conversation_id") or None
+        principal = body.get("principal")
+        if not isinstance(principal, str) or not principal:
+            raise BridgeRefused(400, "principal (whom the authorizer admitted) is required")
+        try:
+            return (None if requested is None else check_conversation_id(requested)), principal
+        except ValueError as e:
+            raise BridgeRefused(400, str(e)) from e
+
+    async def _bridge_open(self, requested: str | None, principal: str) -> tuple["_Lease", _Session]:
+        """The principal's conversation, held (as a direct socket holds it) until the bridged one ends."""
+        try:
+            lease = await self._claim(requested, principal)
+        except ConversationNotFound:
+            raise BridgeRefused(404, NOT_FOUND) from None
+        try:
+            session = await self._open_session(lease.conversation_id, lease.history)
+            lease.lost = session.take_over  # a newer connection has it: this one ends
+            return lease, session
+        except BaseException:
+            await self.store.release(lease.conversation_id, lease.holder)
+            raise
+
+    async def _bridge_emit(
+        self, connection_id: str, session: _Session, sink: EventSink, lease: "_Lease"
+    ) -> None:
+        async with lease:  # held (and renewed) for as long as the bridged conversation is open
+            while (event := await session.outbox.get()) is not None:
+                if not await sink.send(connection_id, event.to_json()):
+                    log.info(
+                        "bridge %s: conversation %s: the connection is gone",
+                        connection_id,
+                        session.conversation.id,
+                    )
+                    break
+            await session.conversation.close()  # before the lease goes: nothing is written after it
+        if session.close_code == CLOSE_TAKEN_OVER:  # a newer connection has the conversation: end this one
+            await sink.close(connection_id)
         # The person left (or the conversation closed): end it without waiting on ourselves.
         if connection_id in self.bridged:
             self._ending = asyncio.get_running_loop().create_task(self._bridge_end(connection_id))

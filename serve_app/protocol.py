@@ -118,6 +118,8 @@ ErrorCode = Literal[
     "response_failed",  # generation failed (a replica died); the conversation goes on
     "internal_error",  # a bug; the message says nothing secret
     "service_unavailable",  # the bridge could not reach the server (down, slow, or restarted)
+    "conversation_not_found",  # resume of an id that is not this principal's (or does not exist: the same)
+    "conversation_taken_over",  # the conversation was opened on a newer connection; this one closes (4001)
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
 _SERVER_FAULTS = frozenset({"server_busy", "response_failed", "internal_error", "service_unavailable"})
@@ -149,6 +151,12 @@ def _supported(*allowed: str) -> BeforeValidator:
         return value
 
     return BeforeValidator(check)
+
+
+def _server_id(value: object) -> None:
+    if value is not None:
+        raise _error("invalid_event", "item ids are assigned by the server: leave item.id out")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +396,8 @@ class InputMessage(_ClientModel):
     messages are not accepted (CSM would have to speak them to keep its context consistent).
     """
 
-    id: str | None = None
+    # Item ids are the server's: a client's own id could collide with (and, on reload, replace) a turn.
+    id: Annotated[None, BeforeValidator(_server_id)] = None
     type: Annotated[Literal["message"], _supported("message")] = "message"
     role: Annotated[Literal["user", "system"], _supported("user", "system")]
     content: list[InputText] = Field(min_length=1)
@@ -399,7 +408,7 @@ class InputMessage(_ClientModel):
 
     def to_item(self) -> Item:
         """The conversation item to echo in ``conversation.item.added`` / ``.done``."""
-        return Item(id=self.id or new_id("item"), role=self.role, content=list(self.content))
+        return Item(id=new_id("item"), role=self.role, content=list(self.content))
 
 
 class ConversationItemCreate(_ClientEvent):

@@ -48,6 +48,30 @@ def tiny_model(hf_tiny_dir):
 # ---- a real Ray Serve app, shared by the tests that need one ---------------------------------------------
 APP_TOKEN = "test-secret"
 MAX_CONVERSATIONS = 10
+# The Lambda bridge's own token, and the one @connections endpoint the app posts bridged replies to: a
+# port picked now, served by whichever stand-in a test starts there (a LocalGateway: GATEWAY_BRIDGE).
+BRIDGE_TOKEN = "test-bridge-secret"
+
+
+def _free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999): held
+    for the whole session without a socket, so nothing that binds port 0 (Ray does, a lot) can take it."""
+    import os
+    import socket
+
+    for port in range(20000 + os.getpid() % 10000, 32768):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the bridge's callback")
+
+
+BRIDGE_CALLBACK_PORT = _free_port()
+BRIDGE_CALLBACK_URL = f"http://127.0.0.1:{BRIDGE_CALLBACK_PORT}/local"
+GATEWAY_BRIDGE = {"bridge_token": BRIDGE_TOKEN, "management_port": BRIDGE_CALLBACK_PORT}
 
 
 def app_args(history_dir, voices_dir, frontend_dir) -> dict:
@@ -59,8 +83,11 @@ def app_args(history_dir, voices_dir, frontend_dir) -> dict:
             "voices_dir": str(voices_dir),
             "frontend_dir": str(frontend_dir),
             "token": APP_TOKEN,
+            "bridge_token": BRIDGE_TOKEN,
+            "bridge_callback_url": BRIDGE_CALLBACK_URL,
             "max_conversations": MAX_CONVERSATIONS,
-            "limits": {"max_reply_seconds": 6.0},
+            # The tests stream speech at 4x real time (`Client.stream`); the audio budget is tested apart.
+            "limits": {"max_reply_seconds": 6.0, "audio_rate": 8.0, "audio_burst_s": 4.0},
         },
     }
 

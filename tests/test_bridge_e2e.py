@@ -1,5 +1,8 @@
 """The AWS-shaped path, all on this machine: WebSocket client → local API Gateway emulator → the real
-Lambda handlers → the real Serve app → boto3 `post_to_connection` → the emulator → the client."""
+Lambda handlers → the real Serve app → boto3 `post_to_connection` → the emulator → the client.
+
+The handlers present the bridge's own token (`GATEWAY_BRIDGE`), and the emulator serves `@connections` at
+the one callback URL the app is configured with (`BRIDGE_CALLBACK_URL`)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import time
 import httpx
 import pytest
 from ray import serve
+from websockets.exceptions import InvalidStatus
 
 from lambda_bridge.local_gateway import LocalGateway
-from tests.conftest import APP_TOKEN
+from serve_app.ingress import ConversationIngress, IngressConfig
+from tests.conftest import APP_TOKEN, BRIDGE_CALLBACK_URL, GATEWAY_BRIDGE
 from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
@@ -20,7 +25,8 @@ FRAME = 1920
 
 @pytest.fixture
 async def gateway(serve_app):
-    async with LocalGateway(serve_app["url"], token=APP_TOKEN) as gw:
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN, **GATEWAY_BRIDGE) as gw:
+        assert gw.callback_url == BRIDGE_CALLBACK_URL  # where the app posts its replies
         yield gw
 
 
@@ -66,8 +72,10 @@ async def test_leaving_mid_reply_cancels_it_and_keeps_the_history(serve_app):
     ingress learns it from `GoneException`, stops the reply, frees the engine slot, keeps the history."""
     generator = serve.get_deployment_handle("CSMGenerator", "csm")
     before = await active_conversations(serve_app["url"])
-    async with LocalGateway(serve_app["url"], token=APP_TOKEN, deliver_disconnect=False) as gw:
-        client = await connect(gw, conversation_id="bridge_leaver")
+    async with LocalGateway(
+        serve_app["url"], token=APP_TOKEN, deliver_disconnect=False, **GATEWAY_BRIDGE
+    ) as gw:
+        client, info = await Client.open(gw.url, token=APP_TOKEN)
         await client.say_text("tell me a long story about the sea")
         await client.until("response.output_audio.delta")
         await client.close()
@@ -82,7 +90,7 @@ async def test_leaving_mid_reply_cancels_it_and_keeps_the_history(serve_app):
         else:
             pytest.fail("the conversation outlived its connection")
     assert not [route for route, _ in gw.invocations if route == "$disconnect"]
-    with open(f"{serve_app['args']['ingress']['history_dir']}/bridge_leaver.jsonl") as f:
+    with open(f"{serve_app['args']['ingress']['history_dir']}/{info['conversation_id']}.jsonl") as f:
         records = [json.loads(line) for line in f]
     turns = [(r["role"], r["text"]) for r in records if r["kind"] == "turn"]
     assert turns[0] == ("user", "tell me a long story about the sea")
@@ -91,7 +99,7 @@ async def test_leaving_mid_reply_cancels_it_and_keeps_the_history(serve_app):
 
 async def test_a_disconnect_ends_the_conversation(serve_app):
     before = await active_conversations(serve_app["url"])
-    async with LocalGateway(serve_app["url"], token=APP_TOKEN) as gw:
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN, **GATEWAY_BRIDGE) as gw:
         client = await connect(gw)
         assert await active_conversations(serve_app["url"]) == before + 1
         await client.close()
@@ -100,3 +108,49 @@ async def test_a_disconnect_ends_the_conversation(serve_app):
             assert time.monotonic() < deadline, "the conversation outlived its connection"
             await asyncio.sleep(0.1)
     assert [route for route, _ in gw.invocations if route == "$disconnect"]
+
+
+@pytest.mark.parametrize("bridge_token", [APP_TOKEN, "guess", None])
+async def test_the_bridge_needs_its_own_token(serve_app, bridge_token):
+    """Handlers holding the users' token (or a wrong one, or none) are refused by the ingress: the person's
+    handshake fails with 500 (`bridge misconfigured`) and no conversation is opened."""
+    before = await active_conversations(serve_app["url"])
+    bridge = {**GATEWAY_BRIDGE, "bridge_token": bridge_token}
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN, **bridge) as gw:
+        with pytest.raises(InvalidStatus) as refused:
+            await Client.connect(gw.url, token=APP_TOKEN)
+    assert refused.value.response.status_code == 500
+    assert await active_conversations(serve_app["url"]) == before
+
+
+@pytest.fixture(scope="module")
+def one_per_principal(serve_app):
+    """A second ingress on the same models, holding one open conversation per principal."""
+    name = "bridge_principals"
+    config = {**serve_app["args"]["ingress"], "max_conversations_per_token": 1}
+    IngressConfig.model_validate(config)
+    handles = [
+        serve.get_deployment_handle(deployment, "csm")
+        for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer", "Responder")
+    ]
+    serve.run(ConversationIngress.bind(*handles, config), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{serve_app['url']}/{name}"
+    finally:
+        serve.delete(name)
+
+
+async def test_the_authorizers_principal_is_the_one_counted(one_per_principal):
+    """The principal the authorizer put in its context is whom the ingress counts; a `principal` the
+    person adds to the query changes nothing."""
+    async with LocalGateway(one_per_principal, token=APP_TOKEN, use_authorizer=True, **GATEWAY_BRIDGE) as gw:
+        first = await connect(gw)
+        with pytest.raises(InvalidStatus) as refused:
+            await Client.connect(gw.url, token=APP_TOKEN, principal="someone-else")
+        assert refused.value.response.status_code == 429
+        await first.close()
+        await asyncio.sleep(0.5)
+        again = await connect(gw)  # its place is free again
+        await again.close()
+    connects = [e for route, e in gw.invocations if route == "$connect"]
+    assert {e["requestContext"]["authorizer"]["principal"] for e in connects} == {"shared-token"}

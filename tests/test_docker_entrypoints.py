@@ -201,6 +201,7 @@ def test_head_and_worker_entry_points_run_a_cluster_on_cpu():
         CSM_RAY_OBJECT_STORE_BYTES=str(200 * 1024**2),
         CSM_STOP_GRACE_S="15",
         HISTORY_DIR=str(temp / "history"),
+        CSM_TOKEN=secrets.token_hex(16),  # the task's secret, as ECS injects it: no token, no ingress
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
         RAY_USAGE_STATS_ENABLED="0",

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lambda_bridge import handlers
 from lambda_bridge.local_gateway import LocalGateway
 from serve_app import protocol as p
-from tests.conftest import APP_TOKEN
+from tests.conftest import APP_TOKEN, BRIDGE_TOKEN, GATEWAY_BRIDGE
 from tests.realtime_client import Client, audio_samples, expected_frames, of_type
 from tests.standins import FakeIngress, http_server
 
@@ -181,7 +181,7 @@ async def test_hostile_events_over_the_socket(serve_app):
 
 
 async def test_hostile_events_through_the_gateway(serve_app):
-    async with LocalGateway(serve_app["url"], token=APP_TOKEN) as gateway:
+    async with LocalGateway(serve_app["url"], token=APP_TOKEN, **GATEWAY_BRIDGE) as gateway:
 
         @settings(SETTINGS, max_examples=12)
         @given(
@@ -207,7 +207,7 @@ async def test_hostile_bridge_payloads_get_4xx_and_break_nothing(serve_app):
     async def poke(connection_id: str, body, authorized: bool) -> list[int]:
         headers = {"serve_multiplexed_model_id": connection_id}
         if authorized:
-            headers["Authorization"] = f"Bearer {APP_TOKEN}"
+            headers["Authorization"] = f"Bearer {BRIDGE_TOKEN}"  # the bridge's own: past the first check
         path = f"/bridge/connections/{connection_id.replace('%', '%25')}"
         async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as http:
             content = body if isinstance(body, bytes) else as_wire(body)

@@ -30,7 +30,7 @@ from aws_cdk.assertions import Match, Template
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra_cdk"
 CDK_CLI = INFRA / "node_modules" / ".bin" / "cdk"
-STACKS = ("CsmRegistry", "CsmNetwork", "CsmStorage", "CsmCluster", "CsmApi", "CsmFrontend", "CsmMonitoring")
+STACKS = ("CsmRegistry", "CsmNetwork", "CsmStorage", "CsmApi", "CsmCluster", "CsmFrontend", "CsmMonitoring")
 GPU_AMI_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
 
 sys.path.insert(0, str(INFRA))  # the app's own layout: `python3 app.py` runs from infra_cdk/
@@ -256,8 +256,13 @@ def test_gpu_task_definitions_require_ec2_one_gpu_shm_and_efs_over_tls(synth):
             "/weights": True,
             "/history": False,
         }
-        assert {s["Name"] for s in container["Secrets"]} == {"CSM_TOKEN", "RAY_AUTH_TOKEN"}
+        assert {s["Name"] for s in container["Secrets"]} == {
+            "CSM_TOKEN",
+            "CSM_BRIDGE_TOKEN",
+            "RAY_AUTH_TOKEN",
+        }
         environment = {e["Name"]: e["Value"] for e in container["Environment"]}
+        assert "CSM_BRIDGE_CALLBACK_URL" in environment  # test_the_bridge_has_a_token_and_a_callback_url
         assert environment["MODEL_PATH"] == "/weights/csm-1b" and environment["CSM_DEVICE"] == "cuda"
         assert not any("TOKEN" in name and name != "RAY_AUTH_MODE" for name in environment)
         for volume in props["Volumes"]:
@@ -425,8 +430,15 @@ def test_api_websocket_with_authorizer_on_connect_logs_and_throttling(synth):
         assert props["VpcConfig"]["SubnetIds"] and props["VpcConfig"]["SecurityGroupIds"]
         variables = props["Environment"]["Variables"]
         assert variables["SERVE_URL"] == "http://ray-head.csm.internal:8000"
-        assert variables["AUTH_MODE"] == "authorizer" and "TOKEN_SECRET_ARN" in variables
-        assert "TOKEN" not in variables
+        assert variables["AUTH_MODE"] == "authorizer"
+        assert not {"TOKEN", "BRIDGE_TOKEN"} & set(variables)  # secrets by reference only
+        # One secret each: the authorizer the users' token, the handlers the bridge's own.
+        secret = (
+            "TOKEN_SECRET_ARN"
+            if props["Handler"].startswith("lambda_bridge.authorizer")
+            else "BRIDGE_TOKEN_SECRET_ARN"
+        )
+        assert {name for name in variables if name.endswith("SECRET_ARN")} == {secret}
 
 
 def test_lambda_asset_is_the_bridge_package_only(synth):
@@ -444,23 +456,69 @@ def test_lambda_asset_is_the_bridge_package_only(synth):
     assert "lambda_bridge/handlers.py" in files and "lambda_bridge/local_gateway.py" not in files
 
 
+def _api_id_import(synth) -> dict:
+    """How the cluster's stack refers to the WebSocket API's id (the API's stack is deployed first)."""
+    api = synth.stacks["CsmApi"]
+    return synth.stacks["CsmCluster"].resolve(api.export_value(api.api.api_id))
+
+
 def test_manage_connections_is_granted_to_the_ray_task_role_for_the_stage_only(synth):
     grants = [
-        (stack, policy["Properties"])
+        (stack, policy["Properties"], statement)
         for stack, _, policy in synth.resources("AWS::IAM::Policy")
         for statement in policy["Properties"]["PolicyDocument"]["Statement"]
         if "execute-api:ManageConnections" in json.dumps(statement["Action"])
     ]
     assert len(grants) == 1
-    stack, policy = grants[0]
-    assert stack == "CsmApi"
-    (statement,) = policy["PolicyDocument"]["Statement"]
+    stack, policy, statement = grants[0]
+    assert stack == "CsmCluster"
     assert statement["Action"] == "execute-api:ManageConnections"
     parts = statement["Resource"]["Fn::Join"][1]
-    api_id = synth.stacks["CsmApi"].get_logical_id(synth.stacks["CsmApi"].api.node.default_child)
-    assert {"Ref": api_id} in parts
+    assert _api_id_import(synth) in parts
     assert parts[-1] == "/prod/*/@connections/*"
     assert "RayTaskRole" in json.dumps(policy["Roles"])
+
+
+def _secret_readers(synth, secret_id: str) -> set[str]:
+    """Who may read a secret: the functions and tasks ("Connect", "Head") whose roles' policies name it."""
+    readers = set()
+    for _, _, policy in synth.resources("AWS::IAM::Policy"):
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            action, resource = json.dumps(statement["Action"]), json.dumps(statement["Resource"])
+            if "secretsmanager:GetSecretValue" in action and secret_id in resource:
+                roles = [role["Ref"] for role in policy["Properties"]["Roles"]]
+                readers |= {re.sub(r"(Function|TaskTaskDefinition)\w*$", "", role) for role in roles}
+    return readers
+
+
+def test_the_bridge_has_a_token_and_a_callback_url_of_its_own(synth):
+    """A second generated secret, the bridge's, read by the three handlers and the Ray tasks (the ingress
+    checks it), not by the authorizer; the users' token read by the authorizer and the Ray tasks alone. The
+    ingress posts replies to the stage's `@connections` URL, set in its environment, not per request."""
+    secrets = synth.templates["CsmApi"].find_resources("AWS::SecretsManager::Secret")
+    assert len(secrets) == 2 and all("GenerateSecretString" in s["Properties"] for s in secrets.values())
+    (bridge_id,) = [k for k in secrets if k.startswith("TokensBridgeToken")]
+    (users_id,) = [k for k in secrets if k.startswith("TokensApiToken")]
+    assert _secret_readers(synth, bridge_id) == {"Connect", "Default", "Disconnect", "Head", "Worker"}
+    assert _secret_readers(synth, users_id) == {"Authorizer", "Head", "Worker"}
+    cluster = synth.templates["CsmCluster"]
+    callback = {
+        "Fn::Join": [
+            "",
+            [
+                "https://",
+                _api_id_import(synth),
+                ".execute-api.us-east-1.",
+                {"Ref": "AWS::URLSuffix"},
+                "/prod",
+            ],
+        ]
+    }
+    for task in cluster.find_resources("AWS::ECS::TaskDefinition").values():
+        if task["Properties"]["Family"] in ("csm-ray-head", "csm-ray-worker"):
+            (container,) = task["Properties"]["ContainerDefinitions"]
+            environment = {e["Name"]: e["Value"] for e in container["Environment"]}
+            assert environment["CSM_BRIDGE_CALLBACK_URL"] == callback
 
 
 def test_frontend_private_bucket_behind_cloudfront_oac_and_waf(synth):

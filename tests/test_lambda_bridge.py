@@ -19,9 +19,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from lambda_bridge import authorizer, logs, settings
+from lambda_bridge import authorizer, handlers, logs, settings
 from lambda_bridge.local_gateway import LocalGateway
-from serve_app.bridge import MAX_MESSAGE_BYTES, ApiGatewaySink, split_message
+from serve_app import bridge
+from serve_app.bridge import MAX_MESSAGE_BYTES, ApiGatewaySink, BridgeAccess, BridgeRefused, split_message
 from tests.standins import FakeIngress, aws_json_api, http_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,9 @@ def clean_settings(monkeypatch):
         "TOKEN",
         "TOKEN_SECRET_ARN",
         "TOKEN_PARAMETER",
+        "BRIDGE_TOKEN",
+        "BRIDGE_TOKEN_SECRET_ARN",
+        "BRIDGE_TOKEN_PARAMETER",
         "CALLBACK_URL",
         "AUTH_MODE",
         "FORWARD_DEADLINE_S",
@@ -47,9 +51,11 @@ def clean_settings(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     settings.reset()
+    handlers.serve.cache_clear()
     authorizer.signing_keys.cache_clear()
     yield
     settings.reset()
+    handlers.serve.cache_clear()
     authorizer.signing_keys.cache_clear()
 
 
@@ -138,6 +144,31 @@ def test_the_token_comes_from_an_ssm_parameter(monkeypatch):
     assert json.loads(seen[0][2]) == {"Name": "/csm/token", "WithDecryption": True}
 
 
+def test_the_bridge_token_comes_from_its_own_secret(monkeypatch):
+    """Two secrets, two readers: the bridge's token is not the users' and never falls back to it."""
+    users, bridges = "arn:aws:secretsmanager:us-east-1:0:secret:users", "arn:aws:secretsmanager:::bridge"
+    values = {users: "the-users-token", bridges: json.dumps({"token": "the-bridge-token"}), "/csm/b": "b-ssm"}
+    with http_server(aws_json_api(values)) as (url, seen):
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SSM", url)
+        monkeypatch.setenv("TOKEN_SECRET_ARN", users)
+        settings.reset()
+        assert settings.bridge_token() is None  # no bridge secret configured: nothing, not the users' token
+        monkeypatch.setenv("BRIDGE_TOKEN_SECRET_ARN", bridges)
+        settings.reset()
+        assert (settings.bridge_token(), settings.shared_token()) == ("the-bridge-token", "the-users-token")
+        assert settings.bridge_token() == "the-bridge-token"  # once per container
+        monkeypatch.delenv("BRIDGE_TOKEN_SECRET_ARN")
+        monkeypatch.setenv("BRIDGE_TOKEN_PARAMETER", "/csm/b")
+        settings.reset()
+        assert settings.bridge_token() == "b-ssm"
+    assert [json.loads(body).get("SecretId") or json.loads(body)["Name"] for _, _, body in seen] == [
+        bridges,
+        users,
+        "/csm/b",
+    ]
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="SERVE_URL"):
         settings.Settings.from_env({"SERVE_URL": "ray-head:8000"})
@@ -169,6 +200,17 @@ def test_authorizer_checks_the_shared_token(monkeypatch):
     assert effect(authorize({"token": "guess"})) == "Deny"
     with pytest.raises(Exception, match=r"^Unauthorized$"):
         authorize({})
+
+
+def test_with_nothing_configured_the_authorizer_lets_no_one_in_unless_told_to(monkeypatch):
+    unset = ("TOKEN", "TOKEN_SECRET_ARN", "TOKEN_PARAMETER", "COGNITO_USER_POOL_ID", "CSM_ALLOW_ANONYMOUS")
+    for name in unset:
+        monkeypatch.delenv(name, raising=False)
+    settings.reset()
+    assert effect(authorize({"token": "anything"})) == "Deny"  # a lost secret is not an open door
+    monkeypatch.setenv("CSM_ALLOW_ANONYMOUS", "1")
+    allowed = authorize({"token": "anything"})
+    assert effect(allowed) == "Allow" and allowed["context"]["principal"] == "anonymous"
 
 
 def test_authorizer_accepts_a_valid_cognito_jwt_and_nothing_else(monkeypatch):
@@ -290,6 +332,54 @@ async def test_the_authorizer_refuses_with_401_or_403_and_passes_its_principal_o
     )
 
 
+def recording(route):
+    """`route`, and the headers of every request it answers (the `seen` of http_server has no headers)."""
+    headers: list[dict[str, str]] = []
+
+    def answer(method: str, path: str, request_headers: dict[str, str], body: bytes):
+        headers.append(request_headers)
+        return route(method, path, request_headers, body)
+
+    return answer, headers
+
+
+async def test_the_handlers_present_the_bridge_token_and_the_authorizers_principal():
+    """Every call to the ingress carries the bridge's token, never the users'; `$connect` says whom the
+    authorizer admitted and nothing else (no callback URL: the ingress has its own), whatever the person
+    adds to the query."""
+    route, headers = recording(FakeIngress())
+    with http_server(route) as (url, seen):
+        async with LocalGateway(url, token=TOKEN, bridge_token="bridge-only", use_authorizer=True) as gateway:
+            ws = await websockets.connect(f"{gateway.url}?token={TOKEN}&principal=mallory&callback_url=x")
+            await ws.send(json.dumps({"type": "response.create"}))
+            await ws.close()
+            await asyncio.sleep(0.3)
+    assert [method for method, _, _ in seen] == ["POST", "POST", "DELETE"]
+    assert {h["Authorization"] for h in headers} == {"Bearer bridge-only"}
+    assert json.loads(seen[0][2]) == {"conversation_id": None, "principal": "shared-token"}
+
+
+def test_connect_forwards_the_principal_from_the_authorizers_context(monkeypatch):
+    """`requestContext.authorizer.principal` is what `authorizer.handler` put in the policy's context."""
+    fake = FakeIngress()
+    with http_server(fake) as (url, seen):
+        monkeypatch.setenv("SERVE_URL", url)
+        monkeypatch.setenv("AUTH_MODE", "authorizer")
+        monkeypatch.setenv("BRIDGE_TOKEN", "bridge-only")
+        settings.reset()
+        context = {
+            "connectionId": "c1=",
+            "domainName": "api",
+            "stage": "prod",
+            "authorizer": {"principalId": "cognito:alice", "principal": "cognito:alice"},
+        }
+        event = {"requestContext": context, "queryStringParameters": {"principal": "bob"}}
+        assert handlers.connect(event, None) == {"statusCode": 200}
+        del context["authorizer"]["principal"]  # an authorizer that said nothing: the ingress refuses it
+        handlers.connect(event, None)
+    assert [json.loads(body)["principal"] for _, _, body in seen] == ["cognito:alice", None]
+
+
 async def test_binary_frames_and_oversize_messages_are_refused_as_api_gateway_does():
     with http_server(FakeIngress()) as (url, seen):
         async with LocalGateway(url, token=TOKEN) as gateway:
@@ -398,7 +488,7 @@ async def test_the_connections_api_through_boto3(monkeypatch):
                 )
             assert unsigned.status_code == 403
 
-            sink = ApiGatewaySink(gateway.callback_url, "us-east-1")
+            sink = ApiGatewaySink(gateway.callback_url)
             gateway.throttle_posts = 3
             audio = bytes(4000) * 60  # 240 KB of silence: over the limit, so several deltas
             delta = {
@@ -447,3 +537,44 @@ async def test_every_log_line_is_json_with_the_connection_and_conversation():
     assert {"time", "level", "message", "request_id"} <= set(lines[0])
     connected = next(line for line in lines if line["message"] == "connected")
     assert connected["conversation_id"] == "conv_fake"
+
+
+# ---- the ingress's side of the bridge: its own credential and its one callback URL ---------------------
+CALLBACK = "https://abc123.execute-api.us-east-1.amazonaws.com/prod"
+
+
+def test_bridge_access_needs_the_bridges_token_and_is_off_without_one(monkeypatch):
+    monkeypatch.delenv("CSM_BRIDGE_TOKEN", raising=False)
+    monkeypatch.delenv("CSM_BRIDGE_CALLBACK_URL", raising=False)
+    access = BridgeAccess.resolve("bridge-secret", CALLBACK)
+    access.check("Bearer bridge-secret")
+    for wrong in ("Bearer users-token", "Bearer ", "bridge-secret", None):
+        with pytest.raises(BridgeRefused) as refused:
+            access.check(wrong)
+        assert refused.value.status == 401
+    for off in (BridgeAccess.resolve(None, CALLBACK), BridgeAccess.resolve("bridge-secret", None)):
+        with pytest.raises(BridgeRefused, match="the bridge is off") as refused:
+            off.check("Bearer bridge-secret")
+        assert refused.value.status == 403
+    monkeypatch.setenv("CSM_BRIDGE_TOKEN", "from-env")
+    monkeypatch.setenv("CSM_BRIDGE_CALLBACK_URL", CALLBACK + "/")
+    assert BridgeAccess.resolve(None, None) == BridgeAccess("from-env", CALLBACK)
+    with pytest.raises(ValueError, match="http"):
+        BridgeAccess.resolve("t", "file:///etc/passwd")
+
+
+def test_bridge_access_sends_replies_only_to_the_configured_callback():
+    access = BridgeAccess("bridge-secret", CALLBACK)
+    assert access.callback(None) == access.callback(CALLBACK) == access.callback(CALLBACK + "/") == CALLBACK
+    for elsewhere in ("http://169.254.169.254/latest", CALLBACK.replace("abc123", "evil"), 42, ""):
+        with pytest.raises(BridgeRefused) as refused:
+            access.callback(elsewhere)
+        assert refused.value.status == 400
+
+
+def test_the_sinks_client_cache_stays_bounded():
+    bridge._client.cache_clear()
+    for n in range(3 * bridge._CLIENTS):
+        ApiGatewaySink(f"https://api{n}.execute-api.us-east-1.amazonaws.com/prod")
+    assert bridge._client.cache_info().currsize == bridge._CLIENTS
+    bridge._client.cache_clear()

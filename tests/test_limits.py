@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from lambda_bridge.local_gateway import LocalGateway
 from serve_app.app import build_app
-from tests.conftest import APP_TOKEN
+from tests.conftest import APP_TOKEN, GATEWAY_BRIDGE
 from tests.realtime_client import Client, of_type, speech
 
 APP = "limits"
@@ -29,7 +29,7 @@ def limits(serve_app):
         **args["ingress"],
         "max_conversations_per_token": PER_TOKEN,
         "idle_timeout_s": IDLE_S,
-        "limits": {"max_turn_seconds": 1.5, "max_reply_seconds": 1.0},
+        "limits": {**args["ingress"]["limits"], "max_turn_seconds": 1.5, "max_reply_seconds": 1.0},
     }
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     try:
@@ -61,7 +61,7 @@ async def test_open_conversations_per_token(limits):
 
 
 async def test_open_conversations_per_token_through_the_gateway(limits):
-    async with LocalGateway(limits["url"], token=APP_TOKEN) as gateway:
+    async with LocalGateway(limits["url"], token=APP_TOKEN, **GATEWAY_BRIDGE) as gateway:
         held = [await opened(gateway.url) for _ in range(PER_TOKEN)]
         with pytest.raises(InvalidStatus) as refused:
             await Client.connect(gateway.url, token=APP_TOKEN)

@@ -129,7 +129,6 @@ CLIENT_EVENTS: list[tuple[dict[str, Any], type]] = [
             "type": "conversation.item.create",
             "previous_item_id": "item_0",
             "item": {
-                "id": "item_1",
                 "type": "message",
                 "role": "user",
                 "content": [{"type": "input_text", "text": "Hello there"}],
@@ -589,6 +588,15 @@ BAD: list[tuple[Any, str, str, str | None]] = [
         "audio_end_ms",
     ),
     ({"type": "input_audio_buffer.commit", "event_id": 7}, "invalid_event", "valid string", "event_id"),
+    (
+        {
+            "type": "conversation.item.create",
+            "item": {"id": "item_mine", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        },
+        "invalid_event",
+        "assigned by the server",
+        "item.id",
+    ),
     ({"type": "session.update"}, "invalid_event", "session: Field required", "session"),
     ({"type": "session.update", "session": "realtime"}, "invalid_event", "object", "session"),
     (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csm.sampling import sample, sampling_inputs, uniform_noise
+from csm.sampling import NoiseTables, keyed_noise, sample, sampling_inputs, seed_key, uniform_noise
 
 
 def draw(logits, temperature, top_k, seeds, step=0, k_max=None, mode="mixed"):
@@ -13,7 +13,7 @@ def draw(logits, temperature, top_k, seeds, step=0, k_max=None, mode="mixed"):
     inputs = sampling_inputs(
         torch.full((b,), temperature),
         torch.full((b,), top_k),
-        torch.tensor(seeds),
+        seed_key(torch.tensor(seeds)),
         torch.full((b,), step),
         1,
         k_max or top_k,
@@ -33,7 +33,7 @@ def test_mixed_batches_draw_greedy_and_sampled_rows_apart():
     inputs = sampling_inputs(
         torch.tensor([0.0, 5.0]),
         torch.tensor([10, 10]),
-        torch.tensor([1, 2]),
+        seed_key(torch.tensor([1, 2])),
         torch.tensor([0, 0]),
         40,
         10,
@@ -65,7 +65,13 @@ def test_samples_follow_softmax_of_scaled_logits():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     n = 4000
     inputs = sampling_inputs(
-        torch.full((n,), 0.8), torch.full((n,), 4), torch.arange(n), torch.zeros(n).long(), 1, 4, "sample"
+        torch.full((n,), 0.8),
+        torch.full((n,), 4),
+        seed_key(torch.arange(n)),
+        torch.zeros(n).long(),
+        1,
+        4,
+        "sample",
     )
     got = sample(logits.expand(n, 4), inputs, 0)
     freq = torch.bincount(got, minlength=4).float() / n
@@ -83,3 +89,25 @@ def test_noise_depends_only_on_seed_and_step():
     assert 0 < a.min() and a.max() < 1
     big = uniform_noise(torch.tensor([2**61 + 3]), torch.arange(8)[None], 4096)
     assert abs(big.mean().item() - 0.5) < 0.01  # large seeds hash fine too
+
+
+def test_a_seed_hashed_on_the_host_keys_the_same_noise():
+    # The engine hashes each request's seed once, as a Python int; the noise must be the seed's.
+    seeds = [0, 5, 2**32 + 7, 2**61 + 3]
+    keys = seed_key(torch.tensor(seeds))
+    assert keys.tolist() == [seed_key(s) for s in seeds]
+    steps = torch.arange(12).view(4, 3)
+    want = uniform_noise(torch.tensor(seeds), steps, 40)
+    assert torch.equal(keyed_noise(keys, steps, 40), want)
+    assert torch.equal(keyed_noise(keys, steps, 40, NoiseTables.make()), want)
+
+
+@pytest.mark.parametrize("mode", ["sample", "mixed"])
+def test_noise_tables_change_no_draw(mode):
+    logits = torch.randn(3, 300)
+    args = (torch.tensor([0.9, 0.0, 1.3]), torch.tensor([7, 1, 50]), seed_key(torch.tensor([4, 5, 6])))
+    plain = sampling_inputs(*args, torch.tensor([0, 32, 64]), 32, 50, mode)
+    tabled = sampling_inputs(*args, torch.tensor([0, 32, 64]), 32, 50, mode, NoiseTables.make())
+    assert torch.equal(plain.noise, tabled.noise)
+    for n in (0, 5, 31):
+        assert torch.equal(sample(logits, plain, n), sample(logits, tabled, n))

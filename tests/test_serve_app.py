@@ -108,8 +108,8 @@ async def test_typed_turn(app):
 
 
 async def test_barge_in_cancels_and_truncate_trims(app, tmp_path):
-    conversation_id = "barge_in_test"
-    client = await connect(app, conversation_id=conversation_id)
+    client, info = await Client.open(app["ws"], token=APP_TOKEN)
+    conversation_id = info["conversation_id"]
     await client.say_text("tell me a long story about the sea and the sky")
     first = await client.until("response.output_audio.delta")
     item_id = first[-1]["item_id"]
@@ -267,13 +267,13 @@ async def test_openai_realtime_client(app, tmp_path):
 async def test_history_survives_a_restart(app):
     from serve_app.app import build_app
 
-    client = await connect(app, conversation_id="restart_test")
+    client, info = await Client.open(app["ws"], token=APP_TOKEN)
     await client.say_text("remember the blue door")
     await client.until("response.done")
     await client.close()
     serve.delete("csm")
     serve.run(build_app(app["args"]), name="csm", route_prefix="/")
-    client = await connect(app, conversation_id="restart_test")
+    client = await connect(app, conversation_id=info["conversation_id"])
     await client.send("response.create")  # no new input: the echo answers the last turn it finds
     events = await client.until("response.done")
     assert (
@@ -371,42 +371,77 @@ async def test_concurrent_turns_are_recognized_concurrently(app, tmp_path):
 
 async def test_bridge_endpoint_delivers_events_through_the_connections_api(app):
     """The Lambda path: events are posted for a connection id, replies go out through boto3's
-    `apigatewaymanagementapi` client to the callback URL (here a local stand-in for API Gateway)."""
+    `apigatewaymanagementapi` client to the configured callback URL (here a local stand-in for API
+    Gateway). Only the bridge's own token opens the bridge routes, never the users'; no request can send
+    the replies anywhere else, nor open a conversation on behalf of no one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def connections(method: str, path: str, headers: dict, body: bytes):
-        return (200 if method == "POST" else 204), {}, b""
+    from tests.conftest import BRIDGE_CALLBACK_PORT, BRIDGE_CALLBACK_URL, BRIDGE_TOKEN
 
+    posted: list[tuple[str, dict]] = []
+
+    class Connections(BaseHTTPRequestHandler):  # HTTP/1.0: no kept-alive connection outlives the test
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            posted.append((unquote(self.path), json.loads(body or b"{}")))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_DELETE = do_POST
+
+        def log_message(self, *args) -> None:
+            pass
+
+    configured = ThreadingHTTPServer(("127.0.0.1", BRIDGE_CALLBACK_PORT), Connections)
+    threading.Thread(target=configured.serve_forever, daemon=True).start()
     connection = "conn/abc+123="  # API Gateway's ids are base64: '/', '+' and '=' must survive the path
-    headers = {"serve_multiplexed_model_id": connection}
-    with http_server(connections) as (callback, seen):
-
-        def received() -> list[tuple[str, dict]]:
-            return [(unquote(path), json.loads(body or b"{}")) for _, path, body in seen]
-
-        async with httpx.AsyncClient(base_url=app["url"], timeout=30, headers=headers) as http:
-            path = f"/bridge/connections/{quote(connection, safe='')}"
-            bad = await http.post(path, json={"callback_url": callback, "token": "wrong"})
-            assert bad.status_code == 401
-            opened = await http.post(path, json={"callback_url": callback, "token": APP_TOKEN})
-            assert opened.status_code == 200
-            again = await http.post(path, json={"callback_url": callback, "token": APP_TOKEN})  # a retry
-            assert again.json() == opened.json()
-            assert (await http.post(path + "/events", content="{}")).status_code == 401  # no bridge token
-            http.headers["Authorization"] = f"Bearer {APP_TOKEN}"
-            item = {
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "over the bridge"}],
-            }
-            for event in ({"type": "conversation.item.create", "item": item}, {"type": "response.create"}):
-                assert (await http.post(path + "/events", content=json.dumps(event))).status_code == 200
-            for _ in range(300):
-                if any(body.get("type") == "response.done" for _, body in received()):
-                    break
-                await asyncio.sleep(0.1)
-            assert (await http.delete(path)).status_code == 200
-            assert (await http.post(path + "/events", content="{}")).status_code == 404
-        events = [body for where, body in received() if where == f"/@connections/{connection}"]
+    path = f"/bridge/connections/{quote(connection, safe='')}"
+    users, bridge = {"Authorization": f"Bearer {APP_TOKEN}"}, {"Authorization": f"Bearer {BRIDGE_TOKEN}"}
+    opening = {"conversation_id": None, "principal": "cognito:alice"}
+    nothing = lambda *_: (200, {}, b"")  # noqa: E731
+    try:
+        with http_server(nothing) as (elsewhere, elsewhere_seen):
+            headers = {"serve_multiplexed_model_id": connection}
+            async with httpx.AsyncClient(base_url=app["url"], timeout=30, headers=headers) as http:
+                for wrong in (users, {"Authorization": "Bearer guess"}, {}):  # the users' token is not it
+                    assert (await http.post(path, json=opening, headers=wrong)).status_code == 401
+                assert (await http.post(path, json={**opening, "token": APP_TOKEN})).status_code == 401
+                refused = await http.post(path, json={**opening, "callback_url": elsewhere}, headers=bridge)
+                assert refused.status_code == 400 and "callback_url" in refused.json()["error"]
+                for no_one in ({"principal": ""}, {}):
+                    refused = await http.post(path, json=no_one, headers=bridge)
+                    assert refused.status_code == 400 and "principal" in refused.json()["error"]
+                # A connect may repeat the configured callback URL (never name another).
+                named = {**opening, "callback_url": BRIDGE_CALLBACK_URL + "/"}
+                opened = await http.post(path, json=named, headers=bridge)
+                assert opened.status_code == 200
+                again = await http.post(path, json=opening, headers=bridge)  # the bridge retried
+                assert again.json() == opened.json()
+                for wrong in (users, {}):  # an open conversation takes events from the bridge alone
+                    assert (await http.post(path + "/events", content="{}", headers=wrong)).status_code == 401
+                    assert (await http.delete(path, headers=wrong)).status_code == 401
+                item = {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "over the bridge"}],
+                }
+                create = {"type": "conversation.item.create", "item": item}
+                for event in (create, {"type": "response.create"}):
+                    sent = await http.post(path + "/events", content=json.dumps(event), headers=bridge)
+                    assert sent.status_code == 200
+                for _ in range(300):
+                    if any(body.get("type") == "response.done" for _, body in posted):
+                        break
+                    await asyncio.sleep(0.1)
+                assert (await http.delete(path, headers=bridge)).status_code == 200
+                assert (await http.post(path + "/events", content="{}", headers=bridge)).status_code == 404
+        assert elsewhere_seen == []  # the refused callback URL was never contacted
+    finally:
+        configured.shutdown()
+        configured.server_close()
+    events = [body for where, body in posted if where == f"/local/@connections/{connection}"]
     types = [e.get("type") for e in events]
     assert types[0] == "session.created" and "response.done" in types
     assert audio_samples(events) > 0

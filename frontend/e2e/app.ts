@@ -43,7 +43,12 @@ function reservePort(name: string): number {
 export const ports = {
   serve: reservePort("CSM_E2E_SERVE_PORT"),
   gateway: reservePort("CSM_E2E_GATEWAY_PORT"),
+  management: reservePort("CSM_E2E_MANAGEMENT_PORT"), // the gateway's @connections, where the ingress posts
 };
+
+/** The bridge's own credential (the users' token does not open /bridge/*) and where it posts replies. */
+const BRIDGE_TOKEN = "e2e-bridge-secret";
+const BRIDGE_CALLBACK_URL = `http://127.0.0.1:${ports.management}/local`;
 
 const external = process.env.CSM_E2E_SERVE_URL;
 /** Where the page is loaded from (the Serve app's ingress serves frontend/dist at `/`). */
@@ -191,7 +196,12 @@ function startGateway(serveUrl: string, work: string): Promise<Service> {
   return startService({
     name: "gateway",
     command: join(REPO_ROOT, ".venv", "bin", "python"),
-    args: ["-m", "lambda_bridge.local_gateway", "--port", String(ports.gateway), "--serve-url", serveUrl, "--token", APP_TOKEN],
+    args: [
+      "-m",
+      "lambda_bridge.local_gateway",
+      ...["--port", String(ports.gateway), "--serve-url", serveUrl, "--token", APP_TOKEN],
+      ...["--bridge-token", BRIDGE_TOKEN, "--management-port", String(ports.management)],
+    ],
     cwd: REPO_ROOT,
     // boto3 signs the bridge's error posts to the emulator's own @connections endpoint.
     env: { ...process.env, AWS_ACCESS_KEY_ID: "testing", AWS_SECRET_ACCESS_KEY: "testing", AWS_DEFAULT_REGION: "us-east-1" },
@@ -228,6 +238,8 @@ export async function startApp(): Promise<() => Promise<void>> {
       generator: { max_slots: 12 },
       ingress: {
         token: APP_TOKEN,
+        bridge_token: BRIDGE_TOKEN,
+        bridge_callback_url: BRIDGE_CALLBACK_URL,
         voices_dir: voices,
         history_dir: join(work, "history"),
         max_conversations: 10,

@@ -6,15 +6,16 @@ Lambda authorizer (the shared token, `?token=` or `Authorization: Bearer`), the 
 lets an authorizer guard. The Lambdas run in the VPC's private subnets: they reach the Serve ingress at
 `SERVE_URL` (the Ray head's Cloud Map name), and, through the NAT gateway, Secrets Manager.
 
-The token is generated into Secrets Manager (in the cluster's stack, which starts the Ray nodes with
-it; the ingress checks the bridge's `Authorization` header against it); it is never written into the
-page (the README says how a person gets it). The stage logs every connection and message to CloudWatch
-Logs and is throttled. WebSocket APIs cannot have a WAF web ACL; throttling and the authorizer are
-their protection.
+Two tokens are generated into Secrets Manager here (csm_infra/tokens.py): the users' token, which only
+the authorizer reads (it is never written into the page; the README says how a person gets it), and
+the bridge token, which only the three handlers read and present to the ingress. The stage logs every
+connection and message to CloudWatch Logs and is throttled. WebSocket APIs cannot have a WAF web ACL;
+throttling and the authorizer are their protection.
 
-This stack comes after the cluster and reaches into it twice, each time with a resource of its own:
-the cluster's task role is granted `ManageConnections` on this stage alone (the ingress posts replies
-there), and the cluster's security group admits the bridge's on Serve's port 8000.
+This stack comes before the cluster, which takes `bridge_link()`: both tokens, the stage (its
+`@connections` URL is the one place the ingress posts replies, configured in the task's environment;
+the cluster grants its task role `ManageConnections` on this stage alone) and the bridge's security
+group (the cluster admits it, alone, on Serve's port 8000).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
-from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from csm_infra.bridge_asset import bridge_code
-from csm_infra.cluster import SERVE_PORT
+from csm_infra.cluster import SERVE_PORT, BridgeLink
 from csm_infra.config import Settings
 from csm_infra.nag import acknowledge
+from csm_infra.tokens import ApiTokens
 
 STAGE = "prod"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -75,13 +76,10 @@ class ApiStack(Stack):
         settings: Settings,
         vpc: ec2.IVpc,
         serve_url: str,
-        api_token: secretsmanager.ISecret,
-        ray_task_role: iam.IRole,
-        ray_security_group: ec2.ISecurityGroup,
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        self.token = api_token
+        self.tokens = ApiTokens(self, "Tokens")
         self.bridge_security_group = ec2.SecurityGroup(
             self,
             "BridgeSecurityGroup",
@@ -96,18 +94,16 @@ class ApiStack(Stack):
             ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "AWS APIs: @connections, Secrets Manager"
         )
 
-        environment = {
-            "SERVE_URL": serve_url,
-            "TOKEN_SECRET_ARN": self.token.secret_arn,
-            "AUTH_MODE": "authorizer",
-        }
+        # Each function reads one secret: the authorizer the users' token, the handlers the bridge's.
+        users = ("TOKEN_SECRET_ARN", self.tokens.api_token)
+        bridge = ("BRIDGE_TOKEN_SECRET_ARN", self.tokens.bridge_token)
         code = bridge_code(RUNTIME)
         self.functions: dict[str, lambda_.Function] = {}
-        for name, handler, timeout in (
-            ("Authorizer", "lambda_bridge.authorizer.handler", Duration.seconds(10)),
-            ("Connect", "lambda_bridge.handlers.connect", HANDLER_TIMEOUT),
-            ("Default", "lambda_bridge.handlers.default", HANDLER_TIMEOUT),
-            ("Disconnect", "lambda_bridge.handlers.disconnect", HANDLER_TIMEOUT),
+        for name, handler, timeout, (variable, secret) in (
+            ("Authorizer", "lambda_bridge.authorizer.handler", Duration.seconds(10), users),
+            ("Connect", "lambda_bridge.handlers.connect", HANDLER_TIMEOUT, bridge),
+            ("Default", "lambda_bridge.handlers.default", HANDLER_TIMEOUT, bridge),
+            ("Disconnect", "lambda_bridge.handlers.disconnect", HANDLER_TIMEOUT, bridge),
         ):
             function = lambda_.Function(
                 self,
@@ -118,7 +114,7 @@ class ApiStack(Stack):
                 code=code,
                 timeout=timeout,
                 memory_size=256,
-                environment=environment,
+                environment={"SERVE_URL": serve_url, "AUTH_MODE": "authorizer", variable: secret.secret_arn},
                 vpc=vpc,
                 vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
                 security_groups=[self.bridge_security_group],
@@ -130,7 +126,7 @@ class ApiStack(Stack):
                 ),
                 tracing=lambda_.Tracing.ACTIVE,
             )
-            self.token.grant_read(function)
+            secret.grant_read(function)
             self._acknowledge_lambda(function)
             self.functions[name] = function
 
@@ -185,33 +181,18 @@ class ApiStack(Stack):
             access_log_settings=_AccessLogs(self.access_logs),
         )
         self.stage.node.add_dependency(account)  # API Gateway refuses access logs until the role is set
-        self._admit_bridge(ray_security_group)
-        self._grant_callbacks(ray_task_role)
         CfnOutput(self, "WebSocketUrl", value=self.stage.url, description="wss:// endpoint for the page")
-
-    def _admit_bridge(self, ray_security_group: ec2.ISecurityGroup) -> None:
-        """The one way into the Ray nodes from outside their group: Serve's HTTP port, from the bridge.
-        The rule is made here (on the cluster's group, imported) so the cluster does not depend on this
-        stack."""
-        ray = ec2.SecurityGroup.from_security_group_id(
-            self, "RaySecurityGroup", ray_security_group.security_group_id, mutable=True
-        )
-        ray.add_ingress_rule(
-            self.bridge_security_group, ec2.Port.tcp(SERVE_PORT), "Serve HTTP from the bridge"
+        CfnOutput(
+            self, "ApiTokenSecretArn", value=self.tokens.api_token.secret_arn, description="the users' token"
         )
 
-    def _grant_callbacks(self, ray_task_role: iam.IRole) -> None:
-        """The Serve ingress posts each conversation's events to `@connections` of this stage, and of no
-        other stage or API. The policy is made here, on the cluster's role (imported), for the same
-        reason as the security group rule."""
-        role = iam.Role.from_role_arn(self, "RayTaskRole", ray_task_role.role_arn, mutable=True)
-        self.stage.grant_management_api_access(role)
-        api_id = self.get_logical_id(self.api.node.default_child)
-        acknowledge(
-            role,
-            f"AwsSolutions-IAM5[Resource::arn:{self.partition}:execute-api:{self.region}:<AWS::AccountId>:"
-            f"<{api_id}>/{STAGE}/*/@connections/*]",
-            "Connection ids are only known at run time; the grant is limited to this API's stage.",
+    def bridge_link(self) -> BridgeLink:
+        """What the cluster, deployed after this stack, takes from it."""
+        return BridgeLink(
+            api_token=self.tokens.api_token,
+            bridge_token=self.tokens.bridge_token,
+            stage=self.stage,
+            bridge_security_group=self.bridge_security_group,
         )
 
     def _cloudwatch_role(self) -> apigw.CfnAccount:

@@ -8,20 +8,27 @@
   A worker that finds no free GPU makes the capacity provider add an instance.
 - One security group for all Ray tasks: Ray's ports between its own members only (Ray runs whatever a
   client that reaches its GCS sends it, so nothing else may reach it; Ray's token authentication is on
-  as a second lock). The API stack opens Serve's HTTP port 8000 to the bridge Lambdas' group alone.
-- The API's shared token lives here, not in the API stack (csm_infra/tokens.py says why).
+  as a second lock), and Serve's HTTP port 8000 from the bridge Lambdas' group alone.
+- The API stack comes first and hands over a `BridgeLink`: the users' token (`CSM_TOKEN`), the bridge's
+  own token (`CSM_BRIDGE_TOKEN`, which alone opens the ingress's `/bridge/*` routes), and its stage,
+  whose `@connections` URL is the ingress's one callback (`CSM_BRIDGE_CALLBACK_URL`) and the one place
+  the task role may post to.
 - Both services roll back a failed deployment (circuit breaker). The head allows no second copy during
   a deployment (two heads would be two clusters; there is one GPU per instance anyway).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aws_cdk import CfnOutput, Duration, Stack
+from aws_cdk import aws_apigatewayv2 as apigwv2
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_servicediscovery as servicediscovery
 from constructs import Construct
 
@@ -43,6 +50,16 @@ CLUSTER_NAME = "csm-voice"
 SCALE_OUT_AT = 10
 SCALE_OUT_FAST_AT = 14
 SCALE_IN_BELOW = 3
+
+
+@dataclass(frozen=True)
+class BridgeLink:
+    """What the cluster takes from the API stack (`ApiStack.bridge_link()`)."""
+
+    api_token: secretsmanager.ISecret
+    bridge_token: secretsmanager.ISecret
+    stage: apigwv2.WebSocketStage
+    bridge_security_group: ec2.ISecurityGroup
 
 
 def load_metric(name: str, statistic: str = "Average") -> cloudwatch.Metric:
@@ -67,6 +84,7 @@ class ClusterStack(Stack):
         mounts: Mounts,
         file_system_security_group: ec2.ISecurityGroup,
         repository: ecr.IRepository,
+        bridge: BridgeLink,
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -92,10 +110,13 @@ class ClusterStack(Stack):
             self, "FileSystemSecurityGroup", file_system_security_group.security_group_id, mutable=True
         )
         efs_group.add_ingress_rule(self.security_group, ec2.Port.tcp(2049), "NFS from the Ray nodes")
+        self.security_group.add_ingress_rule(
+            bridge.bridge_security_group, ec2.Port.tcp(SERVE_PORT), "Serve HTTP from the bridge"
+        )
 
         tokens = ClusterTokens(self, "Tokens")
-        self.api_token = tokens.api_token
         self.task_role = ray_task_role(self, mounts, METRICS_NAMESPACE)
+        self._grant_callbacks(bridge.stage)
         image = ecs.ContainerImage.from_ecr_repository(repository, settings.image_tag)
         common = {
             "AWS_REGION": self.region,
@@ -105,8 +126,14 @@ class ClusterStack(Stack):
             "CSM_DEVICE": "cuda",
             "HF_HUB_OFFLINE": "1",
             "RAY_AUTH_MODE": "token",
+            # Where bridged replies go: this stage's @connections, and nowhere a request names.
+            "CSM_BRIDGE_CALLBACK_URL": bridge.stage.callback_url,
         }
-        secrets = {"CSM_TOKEN": tokens.api_token, "RAY_AUTH_TOKEN": tokens.ray_token}
+        secrets = {
+            "CSM_TOKEN": bridge.api_token,
+            "CSM_BRIDGE_TOKEN": bridge.bridge_token,
+            "RAY_AUTH_TOKEN": tokens.ray_token,
+        }
         head = RayNodeTask(
             self,
             "HeadTask",
@@ -181,15 +208,28 @@ class ClusterStack(Stack):
             model_path=settings.model_path,
         )
         CfnOutput(self, "ClusterName", value=self.cluster.cluster_name)
-        CfnOutput(self, "ApiTokenSecretArn", value=self.api_token.secret_arn, description="the shared token")
         CfnOutput(self, "CapacityProviderName", value=capacity.capacity_provider.capacity_provider_name)
         CfnOutput(self, "WeightsTaskDefinition", value=self.weights_task.task_definition.family)
         CfnOutput(self, "HfTokenSecretArn", value=self.weights_task.hf_token.secret_arn)
         CfnOutput(self, "RaySecurityGroupId", value=self.security_group.security_group_id)
 
+    def _grant_callbacks(self, stage: apigwv2.WebSocketStage) -> None:
+        """The Serve ingress posts each conversation's events to `@connections` of the API's stage, and
+        of no other stage or API."""
+        stage.grant_management_api_access(self.task_role)
+        # cdk-nag names the API by its import here: the export CDK makes for the API's id, which
+        # `export_value` returns (the same one), so the acknowledgment covers this stage's connections only.
+        api_id = self.resolve(Stack.of(stage).export_value(stage.api.api_id))["Fn::ImportValue"]
+        acknowledge(
+            self.task_role,
+            f"AwsSolutions-IAM5[Resource::arn:{self.partition}:execute-api:{self.region}:<AWS::AccountId>:"
+            f"{api_id}/{stage.stage_name}/*/@connections/*]",
+            "Connection ids are only known at run time; the grant is limited to the API's one stage.",
+        )
+
     def _ray_security_group(self, vpc: ec2.IVpc) -> ec2.SecurityGroup:
-        """Ray's ports among the Ray tasks only. The API stack adds the one other way in: Serve's HTTP
-        port from the bridge Lambdas' security group."""
+        """Ray's ports among the Ray tasks only; the one other way in, Serve's HTTP port from the bridge
+        Lambdas' security group, is added next to it."""
         group = ec2.SecurityGroup(
             self,
             "RaySecurityGroup",

@@ -117,8 +117,8 @@ class RayNodeTask(Construct):
 
 def ray_task_role(scope: Construct, mounts: Mounts, metrics_namespace: str) -> iam.Role:
     """What the Ray processes may do: publish the cluster's load (to their namespace only), mount the
-    two access points (history writable, weights not). The API stack adds posting to its stage's
-    connections."""
+    two access points (history writable, weights not). The cluster adds posting to the API stage's
+    connections (`ClusterStack._grant_callbacks`)."""
     role = iam.Role(
         scope,
         "RayTaskRole",

@@ -57,5 +57,6 @@ export type ClientEvent =
 export const CLOSE_NORMAL = 1000;
 export const CLOSE_POLICY = 1008; // a wrong token (or a bad conversation id): never retried
 export const CLOSE_TRY_AGAIN_LATER = 1013; // server busy
+export const CLOSE_TAKEN_OVER = 4001; // the conversation was opened on a newer connection: never retried
 
 export const WIRE_RATE = 24_000;

@@ -19,7 +19,7 @@
  */
 
 import { base64ToPcm16, pcm16ToBase64 } from "./pcm";
-import { CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, type ClientEvent, type ServerEvent, WIRE_RATE } from "./protocol";
+import { CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TAKEN_OVER, CLOSE_TRY_AGAIN_LATER, type ClientEvent, type ServerEvent, WIRE_RATE } from "./protocol";
 import { realtimeUrl } from "./config";
 
 export type Phase = "idle" | "connecting" | "listening" | "thinking" | "speaking" | "reconnecting" | "error";
@@ -256,13 +256,12 @@ export class RealtimeClient {
   start(): void {
     this.transcript = [];
     this.latencies = [];
-    this.conversationId = this.newId("conv");
+    this.conversationId = null; // the server makes the id (x-server.info); a reconnect resumes it
     this.begin();
   }
 
   /** After a failure: try again, resuming the same conversation. */
   retry(): void {
-    if (this.conversationId === null) this.conversationId = this.newId("conv");
     this.begin();
   }
 
@@ -327,7 +326,8 @@ export class RealtimeClient {
     this.transcript = [...this.transcript, { id, role: "user", text: clean, status: "done", typed: true }];
     this.send({
       type: "conversation.item.create",
-      item: { id, type: "message", role: "user", content: [{ type: "input_text", text: clean }] },
+      // No item id: the server makes them (ours stays the transcript entry's, on this page only).
+      item: { type: "message", role: "user", content: [{ type: "input_text", text: clean }] },
     });
     this.turnEndAt = this.now();
     this.awaitingReply = true;
@@ -450,6 +450,13 @@ export class RealtimeClient {
     }
     if (code === CLOSE_POLICY) {
       this.fail("auth", reason || "The server refused the connection (check the access token).");
+      return;
+    }
+    if (code === CLOSE_TAKEN_OVER) {
+      // Reconnecting would take the conversation back from the newer tab, which would take it back...
+      this.running = false;
+      this.showNotice("closed", "This conversation is now open in another tab or window.");
+      this.emit();
       return;
     }
     if (code === CLOSE_NORMAL && opened) {

@@ -149,14 +149,14 @@ beforeEach(() => {
 });
 
 describe("RealtimeClient: session", () => {
-  it("connects with the token and a conversation id, and is listening once the session exists", () => {
+  it("connects with the token, no conversation id of its own, and is listening once the session exists", () => {
     const client = makeClient();
     client.start();
     expect(client.phase).toBe("connecting");
     const url = new URL(last().url);
     expect(url.pathname).toBe("/v1/realtime");
     expect(url.searchParams.get("token")).toBe("s3cret");
-    expect(url.searchParams.get("conversation_id")).toBe("conv_1");
+    expect(url.searchParams.has("conversation_id")).toBe(false); // the server makes ids
     last().open();
     expect(client.phase).toBe("connecting");
     last().receive({ type: "session.created", session: {} });
@@ -274,7 +274,7 @@ describe("RealtimeClient: a turn", () => {
     const s = connect(client);
     expect(await client.sendText("  hi there  ")).toBe(true);
     expect(s.sent.slice(-2)).toEqual([
-      { type: "conversation.item.create", item: { id: "item_2", type: "message", role: "user", content: [{ type: "input_text", text: "hi there" }] } },
+      { type: "conversation.item.create", item: { type: "message", role: "user", content: [{ type: "input_text", text: "hi there" }] } }, // no id: the server makes them
       { type: "response.create" },
     ]);
     expect(client.phase).toBe("thinking");
@@ -543,6 +543,15 @@ describe("RealtimeClient: reconnect", () => {
     expect(client.phase).toBe("reconnecting");
   });
 
+  it("does not reconnect when a newer connection took the conversation over", () => {
+    const client = makeClient();
+    connect(client, { conversation_id: "conv_mine" });
+    last().drop(4001, "taken over");
+    clock.advance(60_000);
+    expect(sockets).toHaveLength(1); // no new socket: it would take the conversation back
+    expect(client.getSnapshot().notice?.message).toMatch(/another tab/);
+  });
+
   it("retry after a failure resumes the same conversation", () => {
     const client = makeClient();
     connect(client, { conversation_id: "conv_keep" });
@@ -550,7 +559,7 @@ describe("RealtimeClient: reconnect", () => {
     client.retry();
     expect(new URL(last().url).searchParams.get("conversation_id")).toBe("conv_keep");
     client.start();
-    expect(new URL(last().url).searchParams.get("conversation_id")).not.toBe("conv_keep");
+    expect(new URL(last().url).searchParams.has("conversation_id")).toBe(false); // a new one
   });
 
   it("a microphone failure ends the call and shows it", () => {
