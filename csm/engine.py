@@ -32,12 +32,14 @@ from one thread only, which does every device copy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +91,10 @@ class EngineConfig:
     prefix_cache: bool = True  # park finished sequences' KV for their key's next request; share prefixes
     host_cache_bytes: int = 0  # host-memory tier for evicted parked KV (pinned on CUDA); 0: none
     max_shared_prefixes: int = 8  # voice prefixes kept on the device, least recently used dropped
+    # CPU only: torch threads for prefill steps, which are large matmuls and attention over the whole
+    # context and parallelise (2 threads: 1.85x on a 137-row chunk against 1,500 cached rows, measured),
+    # where a frame step is hundreds of small ops that a second thread slows down. None: the process's.
+    prefill_threads: int | None = None
 
 
 def pinned(t: Tensor) -> Tensor:
@@ -458,11 +464,25 @@ class Engine:
         with self._lock:
             group = self._next_prefill_group()
         if group:
-            self._prefill(group)
+            with self._prefill_threads():
+                self._prefill(group)
         active = [s for s in self._owner if isinstance(s, _Sequence) and s.active]
         if active:
             events += self._decode(active)
         return events
+
+    @contextlib.contextmanager
+    def _prefill_threads(self) -> Iterator[None]:
+        threads = self.config.prefill_threads
+        if threads is None or self.device.type != "cpu":
+            yield
+            return
+        frame_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(frame_threads)
 
     def _apply_cancels(self) -> list[FrameEvent]:
         with self._lock:

@@ -56,6 +56,7 @@ class GeneratorConfig(BaseModel):
     prefill_chunk: int = Field(256, ge=16)
     cuda_graphs: bool | None = None
     torch_threads: int | None = Field(None, ge=1)
+    prefill_threads: int | None = Field(None, ge=1)  # CPU: threads for prefill steps (EngineConfig)
     frames_per_chunk: int = Field(2, ge=1, le=8)  # frames per streamed item after the first
     prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
     host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
@@ -148,6 +149,7 @@ class CSMGenerator:
             EngineConfig(
                 max_slots=slots,
                 prefill_chunk=cfg.prefill_chunk,
+                prefill_threads=cfg.prefill_threads,
                 cuda_graphs=cfg.cuda_graphs,
                 prefix_cache=cfg.prefix_cache,
                 host_cache_bytes=cfg.host_cache_mb << 20,

@@ -81,6 +81,24 @@ class Pool:
         return sign(self.published[kid], header or {"alg": "RS256", "kid": kid}, claims or id_claims())
 
 
+def use_pool(monkeypatch, jwks_url: str) -> None:
+    """Point the authorizer at a user pool whose JWKS is served at `jwks_url` (app client `CLIENT`)."""
+    for name, value in (
+        ("COGNITO_USER_POOL_ID", "eu-west-1_pool"),
+        ("COGNITO_CLIENT_ID", CLIENT),
+        ("COGNITO_REGION", "eu-west-1"),
+        ("COGNITO_JWKS_URL", jwks_url),
+    ):
+        monkeypatch.setenv(name, value)
+    settings.reset()
+    authorizer.signing_keys.cache_clear()
+
+
+def leave_pool() -> None:
+    settings.reset()
+    authorizer.signing_keys.cache_clear()
+
+
 @pytest.fixture
 def pool(monkeypatch, keys) -> Iterator[Pool]:
     published = {"k1": keys["k1"], "odd": keys["odd"]}
@@ -88,19 +106,10 @@ def pool(monkeypatch, keys) -> Iterator[Pool]:
     with http_server(jwks) as (url, seen):
         for name in ("TOKEN", "TOKEN_SECRET_ARN", "TOKEN_PARAMETER", "AUTH_MODE"):
             monkeypatch.delenv(name, raising=False)
-        for name, value in (
-            ("SERVE_URL", "http://127.0.0.1:9"),
-            ("COGNITO_USER_POOL_ID", "eu-west-1_pool"),
-            ("COGNITO_CLIENT_ID", CLIENT),
-            ("COGNITO_REGION", "eu-west-1"),
-            ("COGNITO_JWKS_URL", url),
-        ):
-            monkeypatch.setenv(name, value)
-        settings.reset()
-        authorizer.signing_keys.cache_clear()
+        monkeypatch.setenv("SERVE_URL", "http://127.0.0.1:9")
+        use_pool(monkeypatch, url)
         yield Pool(published, seen)
-    settings.reset()
-    authorizer.signing_keys.cache_clear()
+    leave_pool()
 
 
 # (a) RFC 8017: RSAVP1 step 1 (s < n) and RSASSA-PKCS1-v1_5 step 1 (length).

@@ -71,7 +71,8 @@ def test_production_config_listens_on_the_task_address_and_autoscales_on_the_gpu
     # The engine's slots (auto on the GPU) bound the replies in flight, not Serve's queue, and its KV cache
     # spills to host memory; the generator's other settings are kept from serve_config.yaml.
     assert deployments["CSMGenerator"]["max_ongoing_requests"] == 256
-    assert app["args"]["generator"] == {"max_slots": "auto", "host_cache_mb": 2048}
+    # (`prefill_threads` comes from serve_config.yaml too: CPU only, the engine ignores it on CUDA.)
+    assert app["args"]["generator"] == {"max_slots": "auto", "host_cache_mb": 2048, "prefill_threads": 2}
     assert deployments["AudioDecoder"]["user_config"]["max_batch_size"] == 32  # kept from serve_config.yaml
     for name in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer"):
         assert deployments[name]["autoscaling_config"]["min_replicas"] == 1

@@ -172,3 +172,25 @@ def test_bucketed_static_shapes_give_the_same_codes(model):
 
     for exact, bucketed in zip(run(False), run(True), strict=True):
         np.testing.assert_array_equal(bucketed, exact)
+
+
+def test_prefill_threads_apply_to_prefill_steps_only(model):
+    """`prefill_threads` runs prefill steps on more torch threads, frame steps on the process's count;
+    the codes are the same either way."""
+    p = prompt(model, frames=40)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    engine = Engine(model, EngineConfig(max_slots=2, prefill_chunk=16, prefill_threads=before + 1))
+    prefill = engine._prefill
+
+    def counting(group):
+        seen.append(torch.get_num_threads())
+        return prefill(group)
+
+    engine._prefill = counting
+    rid = engine.add(p.tokens, p.mask, 6, SamplingParams(temperature=0.9, top_k=50, seed=5))
+    got = collect(engine)[rid]
+    assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before
+    plain = Engine(model, EngineConfig(max_slots=2, prefill_chunk=16))
+    rid = plain.add(p.tokens, p.mask, 6, SamplingParams(temperature=0.9, top_k=50, seed=5))
+    np.testing.assert_array_equal(collect(plain)[rid], got)

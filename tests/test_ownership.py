@@ -11,20 +11,20 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+import httpx
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from ray import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from lambda_bridge import authorizer, settings
 from lambda_bridge.local_gateway import LocalGateway
 from serve_app.app import build_app
-from serve_app.ingress import IngressConfig, access
+from serve_app.ingress import ConversationIngress, IngressConfig, access
 from tests.conftest import APP_TOKEN, GATEWAY_BRIDGE
 from tests.realtime_client import Client, of_type
 from tests.standins import http_server
-from tests.test_authorizer_jwt import CLIENT, id_claims, jwk, sign
+from tests.test_authorizer_jwt import id_claims, jwk, leave_pool, sign, use_pool
 
 APP = "owners"
 ALICE, BOB = "alice-s3cret", "bob-0ther"
@@ -198,18 +198,9 @@ def cognito(monkeypatch) -> Iterator[Callable[[str], str]]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwks = json.dumps({"keys": [jwk("k1", key)]}).encode()
     with http_server(lambda *_: (200, {}, jwks)) as (url, _):
-        for name, value in (
-            ("COGNITO_USER_POOL_ID", "eu-west-1_pool"),
-            ("COGNITO_CLIENT_ID", CLIENT),
-            ("COGNITO_REGION", "eu-west-1"),
-            ("COGNITO_JWKS_URL", url),
-        ):
-            monkeypatch.setenv(name, value)
-        settings.reset()
-        authorizer.signing_keys.cache_clear()
+        use_pool(monkeypatch, url)
         yield lambda sub: sign(key, {"alg": "RS256", "kid": "k1"}, id_claims(sub=sub))
-    settings.reset()
-    authorizer.signing_keys.cache_clear()
+    leave_pool()
 
 
 async def test_through_the_gateway_a_conversation_is_its_users_alone(serve_app, cognito):
@@ -242,3 +233,32 @@ async def test_through_the_gateway_a_conversation_is_its_users_alone(serve_app, 
         said = of_type(await second.until("response.done"), "response.output_audio_transcript.done")
         assert said[0]["transcript"] == "You said: over the gateway."
         await second.close()
+
+
+@serve.deployment
+class _BrokenResponder:
+    """A stand-in whose `info` fails with an internal detail, as a misconfigured backend might."""
+
+    def info(self) -> dict:
+        raise RuntimeError("connection to 10.0.3.7:5432 refused (user=csm_admin)")
+
+
+async def test_readyz_keeps_a_failures_details_in_the_log(serve_app):
+    name = "broken_ready"
+    handles = [
+        serve.get_deployment_handle(deployment, "csm")
+        for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer")
+    ]
+    config = {**serve_app["args"]["ingress"]}
+    serve.run(
+        ConversationIngress.bind(*handles, _BrokenResponder.bind(), config),
+        name=name,
+        route_prefix=f"/{name}",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"{serve_app['url']}/{name}", timeout=60) as http:
+            answer = await http.get("/readyz")
+        assert answer.status_code == 503 and answer.json()["ready"] is False
+        assert "10.0.3.7" not in answer.text and "csm_admin" not in answer.text and "Error" not in answer.text
+    finally:
+        serve.delete(name)
