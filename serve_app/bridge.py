@@ -123,7 +123,7 @@ class BridgeAccess:
         if self.token is None or self.callback_url is None:
             missing = "CSM_BRIDGE_TOKEN" if self.token is None else "CSM_BRIDGE_CALLBACK_URL"
             raise BridgeRefused(403, f"the bridge is off on this server: {missing} is not configured")
-        given = _bearer(authorization)
+        given = bearer_token(authorization)
         if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
             raise BridgeRefused(401, "unauthorized: the bridge's own token is required")
 
@@ -136,7 +136,8 @@ class BridgeAccess:
         raise BridgeRefused(400, "callback_url: replies go only to the server's configured endpoint")
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None (the ingress's socket uses it too)."""
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip() or None
     return None

@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.generator import PromptUse
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
-from serve_app.bridge import ApiGatewaySink, BridgeAccess, BridgeRefused, EventSink
+from serve_app.bridge import ApiGatewaySink, BridgeAccess, BridgeRefused, EventSink, bearer_token
 from serve_app.conversation import Conversation, Handles, Limits, Observer
 from serve_app.history import (
     LEASE_S,
@@ -207,11 +207,7 @@ def _named_tokens(tokens: dict[str, str] | str) -> dict[str, str]:
 
 def _presented(query_token: str | None, authorization: str | None) -> str | None:
     """The token a client presented: `?token=` (browsers cannot set headers), else `Authorization: Bearer`."""
-    if query_token is not None:
-        return query_token
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+    return query_token if query_token is not None else bearer_token(authorization)
 
 
 _PLACEHOLDER = """<!doctype html>
@@ -252,7 +248,6 @@ class ConversationIngress:
         self.voices = VoiceLibrary(cfg.voices_dir or os.environ.get("VOICES_DIR"), tokenizer)
         if not self.voices.exists(cfg.default_voice):
             raise ValueError(f"default voice {cfg.default_voice!r} not found; known: {self.voices.names()}")
-        self.token = cfg.token or os.environ.get("CSM_TOKEN") or None
         self.tokens, self.anonymous = access(cfg, os.environ)
         self.frontend = Path(cfg.frontend_dir) if cfg.frontend_dir else ROOT / "frontend" / "dist"
         set_torch_threads(1)  # the VAD runs here, per chunk: one thread (see TurnDetector)
@@ -569,9 +564,6 @@ class ConversationIngress:
             if hmac.compare_digest(given.encode(), token.encode()):
                 found = f"token:{name}"
         return found
-
-    def _authorized(self, query_token: str | None, authorization: str | None) -> bool:
-        return self._identify(query_token, authorization) is not None
 
     def _take(self, principal: str) -> bool:
         """Count one more conversation for `principal`, unless it already holds its limit."""
