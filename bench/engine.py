@@ -4,6 +4,7 @@ weights, same machine, same batch, in one run; prints a table with ratios.
     python bench/engine.py                                  # `small` preset on this CPU, 1/4/16 streams
     python bench/engine.py --preset csm-1b --device cuda --dtype bf16 --streams 1,8,32,128 --no-peer --floor
     python bench/engine.py --preset csm-1b --op-count          # aten ops per frame step, then exit
+    python bench/engine.py --reply-prefill                     # a reply's prefill after a cached context
 
 Two arrival patterns: "together" (every stream arrives at once: the peer's best case, one static batch)
 and "staggered" (a stream every --arrival-gap seconds, as conversations really start). The peer is used
@@ -15,8 +16,11 @@ compute per 80 ms frame: below 1 is faster than real time); mean time to first f
 our engine also the steady frame step time (median over pure frame steps with every stream in the
 batch). `--floor` adds the memory-bandwidth floor: bytes of parameters read per frame divided by measured
 device copy bandwidth. `--op-count` counts the aten ops one frame step dispatches (the preset built on the
-`meta` device: real shapes, no compute) and exits. Needs only torch and transformers (no Ray), with the
-repository on PYTHONPATH.
+`meta` device: real shapes, no compute) and exits. `--reply-prefill` times what a conversation's later
+reply waits for with its history cached: the new rows' prefill and the first frame, after 150 to 1,400
+cached rows, for the ~137 new rows of bench/conversation.py's typed turns (byte tokenizer: a row per
+character) and the ~35 a Llama-3 tokenizer makes of the same text, at 1 and 2 threads; then exits. Needs
+only torch and transformers (no Ray), with the repository on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -259,6 +263,46 @@ def print_op_counts(name: str, dtype: torch.dtype, streams: int) -> None:
         print("  " + ", ".join(f"{n.removeprefix('aten.')} {k}" for n, k in kernels.most_common(16)))
 
 
+REPLY_CACHED = (150, 300, 600, 1000, 1400)  # rows of history the engine holds
+REPLY_NEW = (137, 35)  # new rows per reply: byte tokenizer (bench/conversation.py), Llama-3-sized
+
+
+def reply_prefill_ms(engine: Engine, args, cached: int, new: int, repeats: int = 5) -> float:
+    """Median ms from `add` to the first frame of a reply whose first `cached` rows the engine holds
+    (parked by an earlier request of the same conversation) and whose last `new` rows it prefills."""
+    g = torch.Generator().manual_seed(cached * 7 + new)
+    width = args.num_codebooks + 1
+    tokens = torch.randint(0, args.audio_vocab_size - 1, (cached + new, width), generator=g)
+    tokens[:, -1] = torch.randint(0, 256, (cached + new,), generator=g)
+    mask = torch.ones(cached + new, width, dtype=torch.bool)
+    times = []
+    for i in range(repeats + 1):
+        key = f"reply-{cached}-{new}-{i}"
+        engine.add(tokens[:cached], mask[:cached], 1, SamplingParams(temperature=0.0), cache_key=key)
+        engine.run_to_completion()  # parks the history's rows
+        start = time.perf_counter()
+        engine.add(tokens, mask, 1, SamplingParams(temperature=0.0), cache_key=key)
+        events = engine.run_to_completion()
+        times.append(time.perf_counter() - start)
+        assert all(len(v) == 1 for v in events.values())
+    return statistics.median(times[1:]) * 1000  # the first is a warm-up
+
+
+def print_reply_prefill(preset_name: str) -> None:
+    torch.set_num_threads(1)  # frame steps on one thread, as in a replica; prefill on `threads`
+    model = random_model(preset_name, seed=0).model
+    threads = (1, 2)
+    print(f"# {preset_name} preset, cpu float32; ms from add to the first frame of a reply, median of 5")
+    print("| new rows | threads | " + " | ".join(f"{c} cached" for c in REPLY_CACHED) + " | last ÷ first |")
+    print("|---:|---:|" + "---:|" * (len(REPLY_CACHED) + 1))
+    for new in REPLY_NEW:
+        for n in threads:
+            engine = Engine(model, EngineConfig(max_slots=4, prefill_threads=n)).setup()
+            ms = [reply_prefill_ms(engine, model.args, c, new) for c in REPLY_CACHED]
+            cells = " | ".join(f"{m:.0f}" for m in ms)
+            print(f"| {new} | {n} | {cells} | {ms[-1] / ms[0]:.2f} |")
+
+
 def best_of(repeats: int, run) -> dict:
     """Each measure at its best over the runs: the highest frames/s, the lowest times. This machine is
     shared and noise only ever slows a run down, often in one phase only (a run slowed while prefilling
@@ -288,11 +332,19 @@ def main() -> None:
         action="store_true",
         help="print the aten ops of one frame step (on the meta device) and exit",
     )
+    ap.add_argument(
+        "--reply-prefill",
+        action="store_true",
+        help="time a reply's prefill and first frame after 150-1,400 cached rows (CPU), and exit",
+    )
     a = ap.parse_args()
     device, dtype = torch.device(a.device), parse_dtype(a.dtype)
     streams = [int(s) for s in a.streams.split(",")]
     if a.op_count:
         print_op_counts(a.preset, dtype, max(streams))
+        return
+    if a.reply_prefill:
+        print_reply_prefill(a.preset)
         return
     torch.manual_seed(0)
     t_build = time.perf_counter()

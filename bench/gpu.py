@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import bandwidth_floor_ms
-from csm.async_engine import AsyncEngine
+from csm.async_engine import FRAMES_PER_CHUNK, AsyncEngine, chunks
 from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, MimiCodec, random_codec
 from csm.codec_streaming import DecodeChunk, StreamingDecoder, decode_pcm16
 from csm.engine import Engine, EngineConfig, EngineFull, SamplingParams
@@ -55,7 +55,6 @@ from csm.tokenizer import ByteTokenizer
 
 FRAME_S = 0.08  # one Mimi frame of audio
 MIMI_CODES = 2048  # ids past these are never audio (deployments/generator.py maps them to 0)
-FRAMES_PER_CHUNK = 2  # what CSMGenerator streams after the first frame (its default)
 DECODER_MAX_FRAMES = 4  # AudioDecoder's default max_frames_per_call
 T4_GBPS = 320.0  # a T4's peak memory bandwidth: its floor, from the same bytes per frame
 SAMPLING = (0.9, 50)  # temperature, top-k: the reference defaults
@@ -472,32 +471,18 @@ class _Spoken:
 async def _speak(
     engine: AsyncEngine, batcher: _DecodeBatcher, builder: PromptBuilder, slot: int, frames: int, rows: int
 ) -> _Spoken:
-    """One reply as CSMGenerator.generate streams it (first frame alone, then FRAMES_PER_CHUNK at a time,
-    int16 codes as the engine made them) and as serve_app/speech.py ReplyStream sends it to
-    AudioDecoder.decode (CSM's special ids, past Mimi's codes, heard as code 0)."""
+    """One reply as CSMGenerator.generate streams it (`csm.async_engine.chunks`: FIRST_FRAMES, then
+    FRAMES_PER_CHUNK at a time, int16 codes as the engine made them) and as serve_app/speech.py ReplyStream
+    sends it to AudioDecoder.decode (CSM's special ids, past Mimi's codes, heard as code 0)."""
     prompt = prompt_of_rows(builder, rows, seed=1000 + slot)
     start = time.perf_counter()
     pieces: list[np.ndarray] = []
-    pending: list[np.ndarray] = []
     first = last = 0.0
-    sent = 0
-
-    async def flush() -> None:
-        nonlocal first, last, sent
-        audible = np.where(np.stack(pending) < MIMI_CODES, np.stack(pending), 0)
-        pcm = await batcher.decode(slot, audible, fresh=sent == 0)
+    async for codes in chunks(engine.generate(prompt.tokens, prompt.mask, frames, sampling(slot))):
+        audible = np.where(codes < MIMI_CODES, codes, 0)
+        pieces.append(await batcher.decode(slot, audible, fresh=not pieces))
         last = time.perf_counter() - start
         first = first or last
-        sent += len(pending)
-        pieces.append(pcm)
-        pending.clear()
-
-    async for codes in engine.generate(prompt.tokens, prompt.mask, frames, sampling(slot)):
-        pending.append(codes.astype(np.int16))
-        if len(pending) >= (FRAMES_PER_CHUNK if sent else 1):
-            await flush()
-    if pending:
-        await flush()
     return _Spoken(np.concatenate(pieces), first, last)
 
 

@@ -1,13 +1,15 @@
 """Load benchmark: N simulated people holding spoken conversations with the app for T seconds.
 
-    python bench/load.py --people 1,8,32 --seconds 60 --ramp 10       # starts the `make demo` app itself
+    python bench/load.py --people 1,2,4,8,16 --seconds 60 --ramp 10   # starts the `make demo` app itself
     python bench/load.py --people 8 --url ws://127.0.0.1:8000/v1/realtime --token SECRET    # a running app
 
 Without `--url` it starts the app of `serve_config.yaml` the way `serve run serve_config.yaml` (`make demo`)
 does, the same args and per-deployment options (tiny random presets on CPU, echo responder, pocketsphinx
 ASR, 16 conversations), on a free loopback port with a temporary history folder. One app serves every N of
 `--people`, one run after another (a warm-up turn first, and each run waits for the last one's
-conversations to be gone); one table at the end.
+conversations to be gone). With `--asr streaming,end-of-turn` (the default) the app is launched once per
+ASR mode, turns recognized while spoken, then once each has ended (`ingress.streaming_asr`), and the
+report ends with their ratios, N by N, and the issue's targets for streaming.
 
 A person connects to `/v1/realtime`, waits for `session.created`, and until T takes turns: one of a few
 espeak-ng sentences streamed in 80 ms chunks at real time, as a microphone would, then ~1 s of silence so
@@ -21,9 +23,10 @@ Columns (one row per N):
   (the server's VAD decision to the first reply audio), p50/p95/p99;
 - eos ms: the last speech chunk sent → first audio delta (what the person waits after they stop talking,
   the VAD's 500 ms of silence included), p50/p95;
-- underrun %: replies whose audio came slower than it plays: playback starts 100 ms after the first delta
-  (a fixed pre-roll) and stalls whenever the played position would pass the audio received so far;
-  stall ms: the mean total stall of those replies;
+- underrun %: replies whose audio came slower than it plays, played as the page plays them: playback
+  starts once 120 ms of the reply's audio has arrived (the page's base pre-roll), or at its
+  `response.output_audio.done` if it is shorter, and stalls whenever the played position would pass the
+  audio received so far; stall ms: the mean total stall of those replies;
 - errors: `error` events by `error.code`, then other failures by kind (`connect:`, `closed:<code>`,
   `timeout:`, `reply:<status>`, `cut:` for turns still running at the hard stop);
 - busy: connections refused as busy; mem MB: total RSS of the server's processes (the Ray cluster this
@@ -59,7 +62,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -79,7 +82,7 @@ from tests.realtime_client import CHUNK, speech
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 24_000
 CHUNK_S = CHUNK / SAMPLE_RATE  # 80 ms, what a browser's audio worklet sends at a time
-PREROLL_S = 0.1  # a player buffers this much of the first delta before it starts playing
+PREROLL_S = 0.12  # the page's base pre-roll (frontend/src/lib/jitterBuffer.ts, `prerollMs`)
 MAX_PEOPLE, MAX_SECONDS = 64, 600
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SENTENCES = (  # no commas: a pause inside a sentence must not end the turn early
@@ -188,17 +191,26 @@ class Turn:
     speech_stopped_at: float | None = None
     transcribed_at: float | None = None  # the server has the turn's transcript: the reply can start
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (receipt time, samples) per delta
+    audio_done_at: float | None = None  # `response.output_audio.done`: no more audio will come
     status: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def playback(arrivals: list[tuple[float, int]], preroll: float = PREROLL_S) -> tuple[float, list[Stall]]:
-    """When a player that starts `preroll` after the first delta finishes, and where it stalled.
+def playback(
+    arrivals: list[tuple[float, int]], complete_at: float | None = None, preroll: float = PREROLL_S
+) -> tuple[float, list[Stall]]:
+    """When a player that buffers `preroll` of audio before it starts finishes, and where it stalled.
 
-    `runs_dry` is when the audio received so far would have been played out; a delta arriving after it
-    is a stall of the difference (playback resumes at once when it arrives, without a new pre-roll).
+    The page's jitter buffer: playback starts at the delta that brings the reply's audio to `preroll`, or
+    when the reply is complete (`complete_at`, else its last delta) if it never does. `runs_dry` is when
+    the audio received so far would have been played out; a delta arriving after it is a stall of the
+    difference (playback resumes at once when it arrives: the stall is what the person hears).
     """
-    runs_dry, played, stalls = arrivals[0][0] + preroll, 0, []
+    need, total = round(preroll * SAMPLE_RATE), 0
+    starts = next((at for at, n in arrivals if (total := total + n) >= need), None)
+    if starts is None:
+        starts = max(complete_at or arrivals[-1][0], arrivals[-1][0])
+    runs_dry, played, stalls = starts, 0, []
     for at, samples in arrivals:
         if at > runs_dry:
             stalls.append(Stall(played / SAMPLE_RATE, at - runs_dry))
@@ -257,6 +269,8 @@ class Conversation:
             turn.transcribed_at = at
         elif kind == "response.output_audio.delta":
             turn.arrivals.append((at, delta_samples(event["delta"])))
+        elif kind == "response.output_audio.done":
+            turn.audio_done_at = at
         elif kind == "response.done":
             self._on_done(turn, event["response"]["status"])
 
@@ -265,6 +279,7 @@ class Conversation:
             # The VAD heard two turns in one sentence and the second barged in: wait for its reply.
             self.stats.failures["reply:cancelled"] += 1
             turn.arrivals.clear()
+            turn.audio_done_at = None
             return
         turn.status = status
         turn.done.set()
@@ -378,7 +393,7 @@ def record(turn: Turn, stats: RunStats) -> float:
         stats.eos_latency.append(first - turn.speech_end_sent)
     audio_s = sum(n for _, n in turn.arrivals) / SAMPLE_RATE
     stats.reply_audio.append((audio_s, turn.arrivals[-1][0] - first))
-    ends, stalls = playback(turn.arrivals)
+    ends, stalls = playback(turn.arrivals, turn.audio_done_at)
     if stalls:
         stats.stalls.append(sum(st.seconds for st in stalls))
         stats.stall_starts.append(stalls[0].at_s)
@@ -738,24 +753,106 @@ def details(s: RunStats) -> str:
     )
 
 
-def report(args: argparse.Namespace, url: str, results: list[RunStats]) -> str:
-    app = f"its own app (serve_config.yaml, ASR {args.asr}) at {url}" if not args.url else url
+def report(args: argparse.Namespace, url: str, runs: list[tuple[str, list[RunStats]]]) -> str:
+    recognizers = f", {args.recognizers} SpeechRecognizer replicas" if args.recognizers else ""
+    app = f"its own app (serve_config.yaml{recognizers}, one launch per ASR mode)" if not args.url else url
     lines = [
         machine_line(),
         f"# date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {args.seconds:g} s per run, "
         f"ramp {args.ramp:g} s, against {app}",
-        "",
-        table([row(s) for s in results]),
-        "",
-        *(details(s) for s in results),
     ]
+    for mode, results in runs:
+        if results:
+            lines += ["", f"ASR {mode}:", "", table([row(s) for s in results]), ""]
+            lines += [details(s) for s in results]
+    modes = dict(runs)
+    if all(modes.get(m) for m in ASR_MODES):
+        lines += ["", *compare(modes["streaming"], modes["end-of-turn"])]
+    if modes.get("streaming"):
+        lines += ["", *targets(modes["streaming"])]
     clusters = sum("gcs_server" in p.cmdline for p in _processes())
     if args.url and clusters > 1:
         lines.append(f"note: {clusters} Ray clusters run on this machine; the memory columns add them all up")
-    crashes = [c for s in results for c in s.crashes]
+    crashes = [c for _, results in runs for s in results for c in s.crashes]
     if crashes:
         lines += ["", "CRASHES:", *(f"  {c}" for c in Counter(crashes))]
     return "\n".join(lines)
+
+
+def p50(values: list[float]) -> float | None:
+    return float(np.percentile(values, 50)) if values else None
+
+
+def underrun_share(s: RunStats) -> float | None:
+    return len(s.stalls) / s.replies if s.replies else None
+
+
+def compare(streaming: list[RunStats], end_of_turn: list[RunStats]) -> list[str]:
+    """End-of-turn over streaming, N by N, for the N both modes ran."""
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a is not None and b else "-"
+
+    def pct_of(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}"
+
+    eot = {s.people: s for s in end_of_turn}
+    rows = [
+        "end-of-turn ÷ streaming (same run):",
+        "",
+        "| people | speech_stopped → transcript p50 ms (s / e) | ratio | turn p50 ms (s / e) | ratio "
+        "| turn p95 ratio | underrun % (s / e) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in streaming:
+        e = eot.get(s.people)
+        if e is None:
+            continue
+        st, et = p50(s.transcript_latency), p50(e.transcript_latency)
+        sl, el = p50(s.turn_latency), p50(e.turn_latency)
+        s95 = float(np.percentile(s.turn_latency, 95)) if s.turn_latency else None
+        e95 = float(np.percentile(e.turn_latency, 95)) if e.turn_latency else None
+        rows.append(
+            f"| {s.people} | {ms_of(st)} / {ms_of(et)} | {ratio(et, st)} | {ms_of(sl)} / {ms_of(el)} "
+            f"| {ratio(el, sl)} | {ratio(e95, s95)} "
+            f"| {pct_of(underrun_share(s))} / {pct_of(underrun_share(e))} |"
+        )
+    return rows
+
+
+def ms_of(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def targets(streaming: list[RunStats]) -> list[str]:
+    """Issue 16's targets for streaming recognition, each PASS, FAIL or not run."""
+    by = {s.people: s for s in streaming}
+    checks: list[tuple[str, bool | None]] = []
+
+    def check(name: str, people: int, value: Callable[[RunStats], float | None], limit: float) -> None:
+        s = by.get(people)
+        v = value(s) if s is not None else None
+        checks.append(
+            (
+                f"{name} at {people}: {'-' if v is None else f'{v:.3g}'} (≤ {limit:g})",
+                None if v is None else v <= limit,
+            )
+        )
+
+    check("speech_stopped → transcript p50 s", 1, lambda s: p50(s.transcript_latency), 0.150)
+    check("turn p50 s", 1, lambda s: p50(s.turn_latency), 0.400)
+    check("turn p50 s", 8, lambda s: p50(s.turn_latency), 1.0)
+    check(
+        "turn p95 s",
+        8,
+        lambda s: float(np.percentile(s.turn_latency, 95)) if s.turn_latency else None,
+        2.0,
+    )
+    check("underrun share", 8, underrun_share, 0.05)
+    errors = sum(sum(s.errors.values()) + sum(s.failures.values()) for s in streaming)
+    checks.append((f"errors and failures, all N: {errors} (= 0)", errors == 0))
+    verdict = {True: "PASS", False: "FAIL", None: "not run"}
+    return ["targets (streaming):", *(f"  {verdict[ok]}: {name}" for name, ok in checks)]
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -768,9 +865,15 @@ def free_port() -> int:
 
 
 def demo_config(
-    port: int, history: str, token: str | None, max_conversations: int | None, asr: str = "streaming"
+    port: int,
+    history: str,
+    token: str | None,
+    max_conversations: int | None,
+    asr: str = "streaming",
+    recognizers: int | None = None,
 ) -> dict:
-    """serve_config.yaml with our port, history folder, token, admission limit and ASR mode."""
+    """serve_config.yaml with our port, history folder, token, admission limit, ASR mode and
+    SpeechRecognizer replica count (None: the file's)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = config["applications"]
@@ -783,6 +886,9 @@ def demo_config(
     if max_conversations is not None:
         ingress["max_conversations"] = max_conversations
     ingress["streaming_asr"] = asr == "streaming"
+    if recognizers is not None:
+        (options,) = [d for d in app["deployments"] if d["name"] == "SpeechRecognizer"]
+        options["num_replicas"] = recognizers
     return config
 
 
@@ -841,6 +947,16 @@ def people_counts(text: str) -> list[int]:
     return counts
 
 
+ASR_MODES = ("streaming", "end-of-turn")
+
+
+def asr_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    if not modes or any(m not in ASR_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: streaming, end-of-turn, or both comma-separated")
+    return modes
+
+
 def loopback_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("ws", "wss") or parts.hostname not in LOOPBACK:
@@ -859,19 +975,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--url", type=loopback_url, help="a running app's ws://…/v1/realtime (loopback only)")
     ap.add_argument("--token", help="sent as ?token=; also the token of the app this script starts")
     ap.add_argument("--max-conversations", type=int, help="admission limit of the app this script starts")
+    ap.add_argument("--recognizers", type=int, help="SpeechRecognizer replicas of the app this script starts")
     ap.add_argument(
         "--asr",
-        choices=("streaming", "end-of-turn"),
-        default="streaming",
-        help="the app this script starts: recognize turns while spoken (default), or once each has ended",
+        type=asr_modes,
+        help="the app this script starts, one launch per mode: recognize turns while spoken (streaming), "
+        "or once each has ended (end-of-turn); default both, with their ratios",
     )
     args = ap.parse_args(argv)
     if not 0 < args.seconds <= MAX_SECONDS:
         ap.error(f"--seconds must be in (0, {MAX_SECONDS}]")
     if not 0 <= args.ramp <= args.seconds:
         ap.error("--ramp must be in [0, --seconds]")
+    if args.url and args.asr is not None:
+        ap.error("--asr applies only to the app this script starts (no --url): a running app has its own")
+    args.asr = ["the app's"] if args.url else args.asr or list(ASR_MODES)
     if args.url and args.max_conversations is not None:
         ap.error("--max-conversations applies only to the app this script starts (no --url)")
+    if args.url and args.recognizers is not None:
+        ap.error("--recognizers applies only to the app this script starts (no --url)")
+    if args.recognizers is not None and args.recognizers < 1:
+        ap.error("--recognizers must be ≥ 1")
     if args.max_conversations is not None and args.max_conversations < 1:
         ap.error("--max-conversations must be ≥ 1")
     return args
@@ -885,28 +1009,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     history = tempfile.mkdtemp(prefix="load_history_")
-    results: list[RunStats] = []
+    runs: list[tuple[str, list[RunStats]]] = []
     url = args.url or ""
     status = 0
     try:
-        url = args.url or start_app(
-            demo_config(free_port(), history, args.token, args.max_conversations, args.asr)
-        )
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)  # again: ray.init installs its own
-        asyncio.run(run_all(args, url, args.url is None, results))
+        for mode in args.asr:
+            runs.append((mode, []))
+            try:
+                url = args.url or start_app(
+                    demo_config(
+                        free_port(), history, args.token, args.max_conversations, mode, args.recognizers
+                    )
+                )
+                signal.signal(signal.SIGTERM, _stop_on_sigterm)  # again: ray.init installs its own
+                asyncio.run(run_all(args, url, args.url is None, runs[-1][1]))
+            finally:
+                if args.url is None:
+                    stop_app()
     except Failure as e:  # the warm-up turn: nothing to measure if one person cannot talk
         print(f"the warm-up turn failed: {e.kind}", file=sys.stderr)
-        return 1
+        status = 1
     except KeyboardInterrupt:
         print("interrupted: the runs finished so far follow", file=sys.stderr)
         status = 130
     finally:
-        if args.url is None:
-            stop_app()
         shutil.rmtree(history, ignore_errors=True)
-    if results:
-        print(report(args, url, results))
-    return status or (1 if any(s.crashes for s in results) else 0)
+    if any(results for _, results in runs):
+        print(report(args, url, runs))
+    return status or (1 if any(s.crashes for _, results in runs for s in results) else 0)
 
 
 if __name__ == "__main__":

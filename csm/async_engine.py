@@ -22,6 +22,30 @@ from csm.engine import Engine, FrameEvent, SamplingParams
 
 log = logging.getLogger(__name__)
 
+# How a reply streams (CSMGenerator, the local services, bench/gpu.py): its first item holds FIRST_FRAMES,
+# 160 ms, so a player starts at once (the page's pre-roll is 120 ms) and the next item has 160 ms to be
+# made; one 80 ms frame alone left 28 of 34 underruns in replies' first 0.5 s under load (bench/RESULTS.md,
+# "Load"). Then FRAMES_PER_CHUNK at a time: fewer stream items and decoder calls, whose overhead every
+# conversation on the machine pays.
+FIRST_FRAMES = 2
+FRAMES_PER_CHUNK = 2
+
+
+async def chunks(
+    frames: AsyncIterator[np.ndarray], first: int = FIRST_FRAMES, per: int = FRAMES_PER_CHUNK
+) -> AsyncGenerator[np.ndarray, None]:
+    """`frames` ([32] each) as stream items ([k, 32] int16): `first` frames, then `per` at a time, then
+    whatever is left when the frames end."""
+    pending: list[np.ndarray] = []
+    want = first
+    async for codes in frames:
+        pending.append(codes.astype(np.int16))
+        if len(pending) >= want:
+            yield np.stack(pending)
+            pending, want = [], per
+    if pending:
+        yield np.stack(pending)
+
 
 class Generation:
     """One request's frames, an async iterator, and what the engine reported about its prompt."""

@@ -37,7 +37,7 @@ from transformers.models.mimi.modeling_mimi import (
 )
 
 from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, MimiCodec, MimiParts, rotary
-from csm.host import to_host
+from csm.host import to_host, to_host_each
 
 # Frames of codes replayed into a fresh slot to rebuild a lost decoder state (`StreamingDecoder.recover`).
 # Measured with `bench/codec.py --recovery --threads 1 --preset {tiny,mimi}`: SNR (dB, mean / min of 4
@@ -618,6 +618,34 @@ class StreamingEncoder:
         self.close(slot)
         empty = torch.zeros(NUM_CODEBOOKS, 0, dtype=torch.long, device=self.device)
         return torch.cat(parts, dim=-1) if parts else empty
+
+
+@dataclass(frozen=True)
+class EncodeChunk:
+    """One stream's next audio, for `encode_pcm16`."""
+
+    slot: int
+    pcm: np.ndarray  # int16, 24 kHz
+    fresh: bool  # open the slot first (a new stream, or one sent again from its start)
+    final: bool  # the stream's last audio: encode its partial last frame too, and close the slot
+
+
+def encode_pcm16(encoder: StreamingEncoder, chunks: Sequence[EncodeChunk]) -> list[np.ndarray]:
+    """Codes ([F, 32] int16) of each chunk, in order: every frame its audio completes (with `final`, the
+    rest too). All complete frames are encoded in one batched pass, copied to the host once."""
+    for c in chunks:
+        if c.fresh:
+            encoder.open(c.slot)
+        encoder.push(c.slot, torch.from_numpy(c.pcm.astype(np.float32) / 32768.0))
+    ready = encoder.encode_ready()
+    out = []
+    for c in chunks:
+        codes = ready[c.slot]
+        if c.final:
+            codes = torch.cat([codes, encoder.flush(c.slot)], dim=-1)
+        out.append(codes.T.to(torch.int16))
+        ready[c.slot] = codes[:, :0]  # a stream pushed twice in one batch gets its codes once
+    return to_host_each(out)
 
 
 def _encode_chunk(

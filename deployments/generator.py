@@ -11,27 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
-from csm.async_engine import AsyncEngine
+from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, AsyncEngine
 from csm.engine import (
     Engine,
     EngineConfig,
     EngineFull,
-    SamplingParams,
     kv_bytes_per_row,
     slot_bytes,
     slots_for_memory,
 )
 from csm.presets import ModelArgs
-from csm.prompt import PromptBuilder, Segment
+from csm.prompt import PromptBuilder
+from csm.requests import Frames, PromptUse, SpeechRequest, speak
 from deployments.weights import load_csm, pick_device, pick_dtype, set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -57,46 +55,10 @@ class GeneratorConfig(BaseModel):
     cuda_graphs: bool | None = None
     torch_threads: int | None = Field(None, ge=1)
     prefill_threads: int | None = Field(None, ge=1)  # CPU: threads for prefill steps (EngineConfig)
-    frames_per_chunk: int = Field(2, ge=1, le=8)  # frames per streamed item after the first
+    first_frames: int = Field(FIRST_FRAMES, ge=1, le=8)  # frames in a reply's first streamed item
+    frames_per_chunk: int = Field(FRAMES_PER_CHUNK, ge=1, le=8)  # and in each item after it
     prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
     host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
-
-
-@dataclass
-class SpeechRequest:
-    """One reply to speak: `text` as `speaker`, after `context` (oldest first)."""
-
-    text: str
-    speaker: int = 0
-    context: list[Segment] = field(default_factory=list)
-    keep_first: int = 0  # leading context segments to keep when trimming (the voice's reference)
-    max_frames: int = 125
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = None
-    conversation_id: str | None = None  # whose cached rows to reuse (and the replica to route to)
-    voice: str | None = None  # whose reference is `context[0]`: a prefix shared across conversations
-
-
-@dataclass(frozen=True)
-class PromptUse:
-    """How a reply's prompt was paid for: rows in all, and of those, rows taken from the engine's cache."""
-
-    rows: int
-    reused: int
-
-    @property
-    def prefilled(self) -> int:
-        return self.rows - self.reused
-
-
-@dataclass
-class Frames:
-    """One streamed item: frames as the engine made them (ids past Mimi's codes included: they go back
-    into the context as fed, and the decoder hears them as silence), and with the first, the prompt."""
-
-    codes: np.ndarray  # [k, 32] int16
-    prompt: PromptUse | None = None
 
 
 def auto_slots(args: ModelArgs, dtype: torch.dtype, device: torch.device, fraction: float | None) -> int:
@@ -142,6 +104,7 @@ class CSMGenerator:
         if slots == "auto":
             slots = auto_slots(model.args, dtype, device, cfg.gpu_memory_fraction)
         self.max_slots = slots
+        self.first_frames = cfg.first_frames
         self.frames_per_chunk = cfg.frames_per_chunk
         self.kv_bytes_per_row = kv_bytes_per_row(model.args, dtype)
         engine = Engine(
@@ -169,7 +132,7 @@ class CSMGenerator:
         self._active = metrics.Gauge("csm_generator_active_sequences", description="Sequences in the engine.")
         self._ttff = metrics.Histogram(
             "csm_generator_first_frame_seconds",
-            description="From a reply's arrival at the generator to its first frame.",
+            description="From a reply's arrival at the generator to its first streamed item.",
             boundaries=[0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
         )
         rows = [16, 64, 256, 512, 1024, 2048]
@@ -188,43 +151,19 @@ class CSMGenerator:
         self._metrics_task: asyncio.Task | None = None
 
     async def generate(self, request: SpeechRequest) -> AsyncGenerator[Frames, None]:
-        """Chunks of frames as they are made: the first frame alone (first audio sooner), with how its
-        prompt was paid for, then `frames_per_chunk` at a time (fewer stream items and decoder calls: the
-        overhead per item is paid by every conversation on the replica's machine). ValueError for a bad
-        request, EngineFull when busy. Call with `handle.options(stream=True).generate.remote(request)`;
-        cancelling the call frees the slot (its rows stay parked for the conversation's next reply)."""
+        """Chunks of frames as they are made (`csm.requests.speak`): `first_frames`, with how the prompt was
+        paid for, then `frames_per_chunk` at a time. ValueError for a bad request, EngineFull when busy.
+        Call with `handle.options(stream=True).generate.remote(request)`; cancelling the call frees the slot
+        (its rows stay parked for the conversation's next reply)."""
         self._ensure_metrics_task()
-        prompt = self.builder.build(
-            request.context, request.speaker, request.text, request.max_frames, request.keep_first
-        )
-        sampling = SamplingParams(request.temperature, request.top_k, request.seed)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        frames = self.engine.generate(
-            prompt.tokens,
-            prompt.mask,
-            request.max_frames,
-            sampling,
-            cache_key=request.conversation_id,
-            prefix_key=f"voice:{request.voice}" if request.voice and prompt.pinned_rows else None,
-            prefix_rows=prompt.pinned_rows,
-        )
-        pending: list[np.ndarray] = []
-        sent = 0
-        async for codes in frames:
-            use = None
-            if sent == 0 and not pending:
+        async for item in speak(self.engine, self.builder, request, self.first_frames, self.frames_per_chunk):
+            if item.prompt is not None:
                 self._ttff.observe(loop.time() - start)
-                use = PromptUse(len(prompt), frames.reused or 0)
-                self._prefilled.observe(use.prefilled)
-                self._reused.observe(use.reused)
-            pending.append(codes.astype(np.int16))
-            if len(pending) >= (self.frames_per_chunk if sent else 1):
-                sent += len(pending)
-                yield Frames(np.stack(pending), use)
-                pending = []
-        if pending:
-            yield Frames(np.stack(pending))
+                self._prefilled.observe(item.prompt.prefilled)
+                self._reused.observe(item.prompt.reused)
+            yield item
 
     def info(self, steps_since: int | None = None) -> dict:
         """What this replica runs and how busy it is (for /readyz and the tests). With `steps_since` (a

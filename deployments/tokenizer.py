@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ray import serve
 
-from csm.codec_streaming import StreamingEncoder
-from csm.host import to_host_each
-from deployments.streams import CodecConfig, CodecReplica, Stream
+from csm.codec_streaming import EncodeChunk, StreamingEncoder, encode_pcm16
+from deployments.streams import CodecConfig, CodecReplica
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +26,6 @@ __all__ = ["AudioTokenizer", "TokenizerConfig"]
 
 class TokenizerConfig(CodecConfig):
     """Constructor arguments (the codec's; nothing of its own)."""
-
-
-@dataclass
-class _Push:
-    stream: Stream
-    pcm: np.ndarray  # int16
-    fresh: bool
-    final: bool
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -62,7 +52,7 @@ class AudioTokenizer(CodecReplica):
             stream = self.streams.open(stream_id)
         stream.position = start + pcm.shape[0]
         try:
-            return await self.loop.submit(_Push(stream, pcm, fresh, final))
+            return await self.loop.submit(EncodeChunk(stream.slot, pcm, fresh, final))
         finally:
             if final:  # only now: the slot must not be handed out while its last audio is being flushed
                 self.streams.close(stream_id)
@@ -73,20 +63,7 @@ class AudioTokenizer(CodecReplica):
         if stream is not None:
             self.encoder.close(stream.slot)
 
-    def _step(self, pushes: Sequence[_Push]) -> list[np.ndarray]:
-        """Worker thread: buffer every push, encode all complete frames in one batched pass, flush finals."""
+    def _step(self, chunks: Sequence[EncodeChunk]) -> list[np.ndarray]:
+        """Worker thread: the batch's chunks encoded together (see `encode_pcm16`)."""
         with torch.inference_mode():
-            for p in pushes:
-                if p.fresh:
-                    self.encoder.open(p.stream.slot)
-                audio = torch.from_numpy(p.pcm.astype(np.float32) / 32768.0)
-                self.encoder.push(p.stream.slot, audio)
-            ready = self.encoder.encode_ready()
-            out = []
-            for p in pushes:
-                codes = ready[p.stream.slot]
-                if p.final:
-                    codes = torch.cat([codes, self.encoder.flush(p.stream.slot)], dim=-1)
-                out.append(codes.T.to(torch.int16))
-                ready[p.stream.slot] = codes[:, :0]  # a stream pushed twice in one batch gets its codes once
-        return to_host_each(out)  # one device-to-host copy for the whole batch
+            return encode_pcm16(self.encoder, chunks)

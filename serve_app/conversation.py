@@ -3,7 +3,8 @@
 The ingress feeds `handle(event)` with parsed client events, one at a time, and sends whatever reaches
 `send`. Nothing here blocks the receive loop: a finished turn (encode flush, ASR) and a reply (text,
 generation, decoding) run as tasks, so audio keeps flowing in while the assistant speaks, and speech
-during a reply cancels it (barge-in).
+during a reply cancels it (barge-in). Everything outside the conversation that it calls (encoding,
+recognition, reply text, generation and decoding) goes through `serve_app.services.Services`; no Ray here.
 
 CSM's context for a reply: the voice's reference segment (pinned first, speaker 0), then the history's
 turns, the person as speaker 1 with their encoded speech, the assistant as speaker 0 with the frames it
@@ -18,19 +19,18 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve.handle import DeploymentHandle
 
 from csm.codec import FRAME_SIZE
 from csm.engine import EngineFull
 from csm.prompt import Segment
-from deployments.generator import PromptUse, SpeechRequest
+from csm.requests import PromptUse, SpeechRequest
 from serve_app import protocol as p
 from serve_app.history import HistoryStore, Turn, sentence_parts
-from serve_app.speech import InputStream, ReplyStream
+from serve_app.services import Services
 from serve_app.voices import VoiceLibrary
 from speech.asr import AgreedWords
 from speech.reply_text import ResponderError
@@ -65,15 +65,6 @@ class Limits(BaseModel):
 
 
 @dataclass
-class Handles:
-    generator: DeploymentHandle
-    decoder: DeploymentHandle
-    tokenizer: DeploymentHandle
-    recognizer: DeploymentHandle
-    responder: DeploymentHandle
-
-
-@dataclass
 class Observer:
     """Where a conversation reports what the ingress measures (metrics live in the ingress replica)."""
 
@@ -83,10 +74,23 @@ class Observer:
     prompt_rows: Callable[[list[PromptUse]], None] = lambda uses: None  # per reply: each sentence's prompt
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every conversation of a replica shares besides its services: made once, passed to each."""
+
+    store: HistoryStore
+    voices: VoiceLibrary
+    vad_model: SileroVad
+    limits: Limits
+    default_voice: str
+    observer: Observer = field(default_factory=Observer)
+    streaming_asr: bool = True  # recognize turns while spoken (else once each turn ends)
+
+
 class _InputTurn:
     def __init__(
         self,
-        handles: Handles,
+        services: Services,
         start_ms: int,
         streaming_asr: bool,
         send: Callable[[p.ServerEvent], None],
@@ -95,8 +99,7 @@ class _InputTurn:
         self._send = send
         self._words = AgreedWords()
         self.committed = False  # partials stop at the commit: `completed` has the final transcript
-        recognizer = handles.recognizer if streaming_asr else None
-        self.stream = InputStream(handles.tokenizer, recognizer, self._partial)
+        self.stream = services.input_stream(self._partial, streaming_asr)
         self.start_ms = start_ms
         self.started_at = time.time()
 
@@ -129,31 +132,25 @@ class Conversation:
     def __init__(
         self,
         conversation_id: str,
-        handles: Handles,
-        store: HistoryStore,
-        voices: VoiceLibrary,
-        vad_model: SileroVad,
+        services: Services,
+        shared: Shared,
         send: Callable[[p.ServerEvent], None],
-        limits: Limits,
         history: list[Turn],
-        default_voice: str,
-        observer: Observer | None = None,
-        streaming_asr: bool = True,
     ) -> None:
         self.id = conversation_id
-        self.h = handles
-        self.store = store
-        self.voices = voices
+        self.services = services
+        self.store = shared.store
+        self.voices = shared.voices
         self.send = send
-        self.limits = limits
+        self.limits = shared.limits
         self.history = history
-        self.observe = observer or Observer()
-        self.default_voice = default_voice
-        self.streaming_asr = streaming_asr  # recognize turns while spoken (else once each turn ends)
+        self.observe = shared.observer
+        self.default_voice = shared.default_voice
+        self.streaming_asr = shared.streaming_asr
         self.session = p.RealtimeSession()
         self.system_notes: list[str] = []
-        self._vad_model = vad_model
-        self.detector: TurnDetector | None = TurnDetector(self._vad_config(), vad_model)
+        self._vad_model = shared.vad_model
+        self.detector: TurnDetector | None = TurnDetector(self._vad_config(), shared.vad_model)
         self._prefix = np.zeros(0, np.int16)  # the last prefix_padding_ms of audio outside a turn
         self._heard_samples = 0  # input audio since the detector started (its timeline)
         self.turn: _InputTurn | None = None
@@ -163,7 +160,7 @@ class Conversation:
         self._turn_ended_at: float | None = None
         self._quiet_since = time.monotonic()  # when the conversation last stopped being busy
         self._segments: dict[str, tuple[int, list[Segment]]] = {}  # a turn's context segments, made once
-        self._audio_budget = limits.audio_burst_s * p.SAMPLE_RATE
+        self._audio_budget = self.limits.audio_burst_s * p.SAMPLE_RATE
         self._audio_at = time.monotonic()
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -331,7 +328,7 @@ class Conversation:
             self.reply.stop("turn_detected")
 
     def _new_turn(self, start_ms: int) -> _InputTurn:
-        return _InputTurn(self.h, start_ms, self.streaming_asr, self.send)
+        return _InputTurn(self.services, start_ms, self.streaming_asr, self.send)
 
     def _push_turn_audio(self, pcm: np.ndarray) -> None:
         assert self.turn is not None
@@ -380,7 +377,7 @@ class Conversation:
             if stream.streaming_asr:  # recognized while spoken: only the last chunk is left
                 text = stream.finish_transcript()
             else:
-                text = self.h.recognizer.transcribe.remote(audio.astype(np.float32) / 32768.0)
+                text = self.services.transcribe(audio.astype(np.float32) / 32768.0)
             codes, text = await asyncio.gather(stream.finish(), text)
         except Exception as e:
             log.exception("conversation %s: turn %s failed", self.id, turn.item_id)
@@ -495,7 +492,7 @@ class Conversation:
         if params is not None and params.x_sampling is not None:
             sampling = p.merge_update(sampling, params.x_sampling)
         instructions = params.instructions if params and params.instructions is not None else None
-        audio = ReplyStream(self.h.generator, self.h.decoder)
+        audio = self.services.reply_audio()
         spoken: list[tuple[str, int]] = []  # each sentence and its frames, as generated
         started = time.perf_counter()
         turn_ended_at, self._turn_ended_at = self._turn_ended_at, None
@@ -511,7 +508,7 @@ class Conversation:
             voice = await self.voices.get(voice_name)
             history = self._history_segments(voice)
             budget = int(min(sampling.max_reply_seconds, self.limits.max_reply_seconds) * 1000 / FRAME_MS)
-            sentences = self.h.responder.options(stream=True).respond.remote(
+            sentences = self.services.reply_text(
                 self._instructions(instructions), [{"role": t.role, "text": t.text} for t in self.history]
             )
             async for sentence in sentences:

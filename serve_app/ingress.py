@@ -1,7 +1,8 @@
 """`ConversationIngress`: the HTTP and WebSocket front of the app (FastAPI inside a Serve deployment).
 
 Routes: `/` (the built page, or a placeholder until one is built), `/healthz`, `/readyz` (which weights
-run, and "random weights" loudly), `/v1/voices`, `/v1/realtime` (the realtime WebSocket), and
+run, and "random weights" loudly), `/v1/voices`, `/v1/models`, `/v1/audio/speech` (OpenAI's speech API,
+`serve_app.speech_api`), `/v1/realtime` (the realtime WebSocket), and
 `/bridge/connections/{id}` (the Lambda bridge's path). A socket's life: token check → admission (a
 bounded number of conversations) → accept → a receive loop and an emit loop → cleanup in `finally`.
 Only the emit loop writes to the socket.
@@ -29,17 +30,19 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
-from deployments.generator import PromptUse
+from csm.requests import PromptUse
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
 from serve_app.bridge import ApiGatewaySink, BridgeAccess, BridgeRefused, EventSink, bearer_token
-from serve_app.conversation import Conversation, Handles, Limits, Observer
+from serve_app.conversation import Conversation, Limits, Observer, Shared
 from serve_app.history import (
     LEASE_S,
     ConversationNotFound,
     HistoryStore,
     check_conversation_id,
 )
+from serve_app.services import Handles, RayServices
+from serve_app.speech_api import SpeechApi, SpeechConfig, over_limit, server_busy, unauthorized
 from serve_app.voices import NO_VOICE, VoiceLibrary
 from speech.vad import load_vad_model
 
@@ -80,6 +83,7 @@ class IngressConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     history_retention_days: float | None = Field(30.0, gt=0)  # None: kept forever
     max_history_mb: float = Field(64.0, gt=0)  # one conversation's file; compacted to its last turns
+    speech: SpeechConfig = Field(default_factory=SpeechConfig)  # /v1/audio/speech (serve_app.speech_api)
 
 
 class _RateLimit:
@@ -290,11 +294,28 @@ class ConversationIngress:
             description="CSM prompt rows per reply taken from the KV cache.",
             boundaries=rows,
         )
-        self.observer = Observer(
+        observer = Observer(
             turn_latency=self._m_turn.observe,
             first_audio=self._m_first.observe,
             error=lambda code: self._m_errors.inc(tags={"code": code}),
             prompt_rows=self._observe_prompts,
+        )
+        self.services = RayServices(self.handles)
+        self.shared = Shared(
+            self.store,
+            self.voices,
+            self.vad,
+            cfg.limits,
+            cfg.default_voice,
+            observer,
+            streaming_asr=cfg.streaming_asr,
+        )
+        self.speech = SpeechApi(
+            self.services.reply_audio,
+            self.voices,
+            cfg.speech,
+            self._admit_speech,
+            cfg.default_voice,
         )
 
     # ---- pages and health -------------------------------------------------------------------------
@@ -342,6 +363,33 @@ class ConversationIngress:
     @app.get("/v1/voices")
     def list_voices(self) -> dict:
         return {"voices": [{"id": name} for name in self.voices.names()], "default": self.cfg.default_voice}
+
+    # ---- OpenAI's speech API (serve_app.speech_api): the realtime route's token and limits -------------
+    @app.post("/v1/audio/speech")
+    async def audio_speech(self, request: Request) -> Response:
+        principal = self._identify(None, request.headers.get("authorization"))
+        return await self.speech.respond(await request.body(), principal)
+
+    @app.get("/v1/models")
+    def list_models(self, request: Request) -> JSONResponse:
+        if self._identify(None, request.headers.get("authorization")) is None:
+            return unauthorized().response()
+        return JSONResponse(SpeechApi.models())
+
+    async def _admit_speech(self, principal: str) -> Callable[[], None]:
+        """A speech request holds a conversation's place while it streams: the same capacity (503) and
+        per-token limit (429) as a socket's."""
+        if self._full():
+            raise server_busy()
+        if not self._take(principal):
+            raise over_limit(self._per_token_message())
+        await self.slots.acquire()  # free (not `_full`): returns at once
+
+        def release() -> None:
+            self.slots.release()
+            self._release(principal)
+
+        return release
 
     @app.get("/")
     async def index(self) -> Response:
@@ -509,19 +557,7 @@ class ConversationIngress:
 
     async def _open_session(self, conversation_id: str, history: list) -> _Session:
         outbox: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()
-        conversation = Conversation(
-            conversation_id,
-            self.handles,
-            self.store,
-            self.voices,
-            self.vad,
-            outbox.put_nowait,
-            self.cfg.limits,
-            history,
-            self.cfg.default_voice,
-            self.observer,
-            streaming_asr=self.cfg.streaming_asr,
-        )
+        conversation = Conversation(conversation_id, self.services, self.shared, outbox.put_nowait, history)
         conversation.start()
         outbox.put_nowait(
             p.ServerInfo(

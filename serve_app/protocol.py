@@ -24,8 +24,15 @@ meaningful (``turn_detection: null`` means push-to-talk, ``error.param: null`` m
 Parsing rules (why: a bad message must cost one ``error`` event, never the conversation):
 
 - Strict: a wrong JSON type is an error, never coerced (``"5"`` is not an integer, ``1`` is not
-  ``true``); NaN and infinities are rejected. Fields we do not model are ignored, so newer
-  clients and the openai package's optional fields (``tools``, ``noise_reduction``, ...) pass.
+  ``true``); NaN and infinities are rejected.
+- Unknown parameters are refused, as OpenAI refuses them: an ``unknown_parameter`` error
+  (``invalid_request_error``) naming the parameter (``param: "session.voice"``), and nothing of the
+  event is applied; the conversation goes on. The beta API's names (``session.voice``,
+  ``session.modalities``, ``session.turn_detection``, ...) are not aliases: the error names the GA
+  place instead (``session.audio.output.voice``). Fields of the GA schema that this server does not
+  implement (``tools``, ``tracing``, ``noise_reduction``, ...) are accepted and ignored
+  (:data:`Ignored`), so a client that sends the openai package's optional fields still works;
+  ``tests/test_protocol_conformance.py`` checks every model's fields against that package's types.
 - The size limit is checked before any JSON is parsed; audio is base64-decoded during validation
   and kept as bytes (``InputAudioBufferAppend.audio``), so nothing is decoded twice.
 - Any bad input raises :class:`ProtocolError` (code, message, param, the client's event_id) and
@@ -101,6 +108,7 @@ DEFAULT_VOICE = "default"
 
 ErrorCode = Literal[
     "invalid_json",  # not JSON, not UTF-8, or nested too deeply
+    "unknown_parameter",  # a field that is not in the GA schema (a typo, or a beta API name)
     "unknown_event",  # `type` names no event this server accepts
     "invalid_event",  # not an object, no `type`, or a field has the wrong type or value
     "invalid_audio",  # audio is not base64, or not whole 16-bit samples
@@ -164,14 +172,38 @@ def _server_id(value: object) -> None:
 
 
 class _ClientModel(BaseModel):
-    """Strict: wrong JSON types are errors, never coerced; unknown fields are ignored.
+    """Strict: wrong JSON types are errors, never coerced; unknown fields are errors (``Ignored`` fields
+    name the GA ones that are accepted and do nothing).
 
     Frozen, because sessions share nested objects between versions (``apply`` copies shallowly).
     """
 
     model_config = ConfigDict(
-        strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True, frozen=True
+        strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True, frozen=True
     )
+
+
+# A GA field this server accepts and ignores (any value; never echoed back).
+Ignored = Annotated[Any, Field(None, exclude=True)]
+
+# The beta API's names, refused with where the GA API has them (OpenAI's beta → GA migration).
+_BETA_NAMES = {
+    "session.voice": "session.audio.output.voice",
+    "session.modalities": "session.output_modalities",
+    "session.input_audio_format": "session.audio.input.format",
+    "session.output_audio_format": "session.audio.output.format",
+    "session.turn_detection": "session.audio.input.turn_detection",
+    "session.input_audio_transcription": "session.audio.input.transcription",
+    "session.input_audio_noise_reduction": "session.audio.input.noise_reduction",
+    "session.speed": "session.audio.output.speed",
+    "session.temperature": "session.x-sampling.temperature",
+    "session.max_response_output_tokens": "session.max_output_tokens",
+    "response.modalities": "response.output_modalities",
+    "response.voice": "response.audio.output.voice",
+    "response.output_audio_format": "response.audio.output.format",
+    "response.temperature": "response.x-sampling.temperature",
+    "response.max_response_output_tokens": "response.max_output_tokens",
+}
 
 
 class AudioFormat(_ClientModel):
@@ -199,6 +231,7 @@ class ServerVad(_ClientModel):
     silence_duration_ms: int = Field(500, ge=0, le=10_000)
     create_response: bool = True
     interrupt_response: bool = True
+    idle_timeout_ms: Ignored
 
 
 class InputTranscription(_ClientModel):
@@ -207,12 +240,16 @@ class InputTranscription(_ClientModel):
     model: str | None = None
     language: str | None = None
     prompt: str | None = None
+    delay: Ignored
+    keywords: Ignored
+    languages: Ignored
 
 
 class AudioInput(_ClientModel):
     format: AudioFormat = Field(default_factory=AudioFormat)
     turn_detection: ServerVad | None = Field(default_factory=ServerVad)
     transcription: InputTranscription | None = Field(default_factory=InputTranscription)
+    noise_reduction: Ignored
 
 
 _VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -279,6 +316,16 @@ class SessionConfig(_ClientModel):
     max_output_tokens: MaxOutputTokens = "inf"
     audio: AudioConfig = Field(default_factory=AudioConfig)
     x_sampling: Sampling = Field(default_factory=Sampling, alias="x-sampling")
+    # GA, not done here: tools, prompts, tracing (the model is the server's; `RealtimeSession.model`).
+    model: Ignored
+    include: Ignored
+    parallel_tool_calls: Ignored
+    prompt: Ignored
+    reasoning: Ignored
+    tool_choice: Ignored
+    tools: Ignored
+    tracing: Ignored
+    truncation: Ignored
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -294,6 +341,8 @@ def merge_update(current: _M, update: BaseModel) -> _M:
     """
     changes: dict[str, Any] = {}
     for name in update.model_fields_set:
+        if type(update).model_fields[name].exclude:  # an `Ignored` GA field: it changes nothing
+            continue
         new, old = getattr(update, name), getattr(current, name)
         if isinstance(new, BaseModel) and type(old) is type(new):
             new = merge_update(old, new)
@@ -387,6 +436,11 @@ class InputText(_ClientModel):
 
     type: Annotated[Literal["input_text"], _supported("input_text")] = "input_text"
     text: str
+    # GA fields of other content types (input_audio, input_image): their `type` is refused first.
+    audio: Ignored
+    detail: Ignored
+    image_url: Ignored
+    transcript: Ignored
 
 
 class InputMessage(_ClientModel):
@@ -401,6 +455,8 @@ class InputMessage(_ClientModel):
     type: Annotated[Literal["message"], _supported("message")] = "message"
     role: Annotated[Literal["user", "system"], _supported("user", "system")]
     content: list[InputText] = Field(min_length=1)
+    object: Ignored
+    status: Ignored
 
     @property
     def text(self) -> str:
@@ -445,6 +501,12 @@ class ResponseParams(_ClientModel):
     audio: ResponseAudio | None = None
     metadata: dict[str, str] | None = None
     x_sampling: Sampling | None = Field(None, alias="x-sampling")
+    input: Ignored
+    parallel_tool_calls: Ignored
+    prompt: Ignored
+    reasoning: Ignored
+    tool_choice: Ignored
+    tools: Ignored
 
 
 class ResponseCreate(_ClientEvent):
@@ -898,6 +960,10 @@ def _to_protocol_error(raw: str | bytes, exc: ValidationError) -> ProtocolError:
 
     code = kind if kind in ERROR_CODES else "invalid_event"
     path = _path(loc[1:] if loc and loc[0] == event_type else loc)
+    if kind == "extra_forbidden":
+        ga = _BETA_NAMES.get(path)
+        text = f"Unknown parameter: '{path}'." + (f" The GA API has it at '{ga}'." if ga else "")
+        return ProtocolError("unknown_parameter", text, param=path, event_id=event_id)
     text = f"{path}: {first['msg']}" if path else first["msg"]
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more)"

@@ -1,29 +1,28 @@
-"""The audio paths of a conversation, over the model deployments' handles.
+"""The audio paths of a conversation, over whatever holds the streams' state: the model deployments'
+handles (`serve_app.services.RayServices`) or plain objects in this process
+(`serve_app.local_services.LocalServices`). No Ray here: the calls arrive as callables.
 
-`InputStream`: one person's turn, encoded while they speak (chunks go to `AudioTokenizer` in the
-background, in order; a replica that lost the stream gets the turn again from its start), and recognized
-while they speak the same way (`SpeechRecognizer.push`), so when the turn ends only its last chunk is
-left to encode and to recognize.
-`ReplyStream`: one reply's audio: sentences go to `CSMGenerator`, its frames to `AudioDecoder` in chunks
-of 1-2 frames as soon as they exist, and PCM comes back to the caller with the frames it came from.
+`InputStream`: one person's turn, encoded while they speak (chunks go to the encoder in the background,
+in order; an encoder that lost the stream gets the turn again from its start), and recognized while they
+speak the same way, so when the turn ends only its last chunk is left to encode and to recognize.
+`ReplyStream`: one reply's audio: sentences go to the generator, its frames to the decoder in chunks of
+2 frames as soon as they exist, and PCM comes back to the caller with the frames it came from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
-from ray.serve.handle import DeploymentHandle
 
 from csm.codec import FRAME_SIZE
+from csm.codec_streaming import RECOVERY_FRAMES
 from csm.presets import ModelArgs
-from deployments.decoder import RECOVERY_FRAMES
-from deployments.generator import Frames, PromptUse, SpeechRequest
+from csm.requests import Frames, PromptUse, SpeechRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,17 @@ log = logging.getLogger(__name__)
 ENCODE_CHUNK = 4 * FRAME_SIZE
 
 Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class StreamCalls(Generic[Result]):
+    """One input stream's calls on what holds its state (the encoder's, or the recognizer's).
+
+    `push(start, pcm, final)`: add int16 audio at sample `start`; the codes or the transcript so far, or
+    `None` when the state is lost (send the stream again from sample 0). `close()`: drop the stream."""
+
+    push: Callable[[int, np.ndarray, bool], Awaitable[Result | None]]
+    close: Callable[[], Awaitable[None]]
 
 
 class _Sender(Generic[Result]):
@@ -101,32 +111,31 @@ class InputStream:
 
     def __init__(
         self,
-        tokenizer: DeploymentHandle,
-        recognizer: DeploymentHandle | None = None,
+        stream_id: str,
+        encoder: StreamCalls[np.ndarray],
+        recognizer: StreamCalls[str] | None = None,
         partial: Callable[[str], None] = lambda text: None,
     ) -> None:
-        self.id = f"in_{uuid.uuid4().hex}"
+        self.id = stream_id
         self._audio = np.zeros(0, np.int16)  # grows by doubling: the turn's audio is read on every drain
         self.samples = 0
         self._codes: list[np.ndarray] = []
         self.transcript = ""
         self._partial = partial
-        encoder = tokenizer.options(multiplexed_model_id=self.id)
         self._encoder = _Sender(
             f"input stream {self.id} (encoder)",
             self.audio,
-            encoder.encode.remote,
+            encoder.push,
             self._codes.append,
             on_restart=self._codes.clear,
         )
         self._senders = [(self._encoder, encoder)]
         self._recognizer: _Sender[str] | None = None
         if recognizer is not None:
-            asr = recognizer.options(multiplexed_model_id=self.id)
             self._recognizer = _Sender(
-                f"input stream {self.id} (recognizer)", self.audio, asr.push.remote, self._heard
+                f"input stream {self.id} (recognizer)", self.audio, recognizer.push, self._heard
             )
-            self._senders.append((self._recognizer, asr))
+            self._senders.append((self._recognizer, recognizer))
 
     @property
     def streaming_asr(self) -> bool:
@@ -175,10 +184,10 @@ class InputStream:
     async def cancel(self) -> None:
         for sender, _ in self._senders:
             sender.cancel()
-        for sender, handle in self._senders:
+        for sender, calls in self._senders:
             if sender.sent:
                 try:
-                    await handle.close.remote()
+                    await calls.close()
                 except Exception:  # the stream's slot is reclaimed by LRU anyway
                     log.warning("%s: close failed", sender.name, exc_info=True)
 
@@ -190,21 +199,32 @@ class AudioChunk:
 
 
 class ReplyStream:
-    """One reply's audio, sentence after sentence, as one continuous decoder stream."""
+    """One reply's audio, sentence after sentence, as one continuous decoder stream.
 
-    def __init__(self, generator: DeploymentHandle, decoder: DeploymentHandle) -> None:
-        self.id = f"out_{uuid.uuid4().hex}"
-        self._generator = generator.options(stream=True)
-        self._decoder = decoder.options(multiplexed_model_id=self.id)
+    `generate(request)`: the request's frames as made (leaving the iteration cancels the generation);
+    `decode(start, codes, history)`: PCM16 of frames `start ..` of this stream, `history` being the frames
+    before them (to rebuild a lost state from); `close()`: end the decoder stream."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        generate: Callable[[SpeechRequest], AsyncIterator[Frames]],
+        decode: Callable[[int, np.ndarray, np.ndarray | None], Awaitable[np.ndarray]],
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.id = stream_id
+        self._generate = generate
+        self._decode_call = decode
+        self._close_call = close
         self.frames: list[np.ndarray] = []  # every frame decoded so far, in order, as the engine made them
         self.prompts: list[PromptUse] = []  # how each sentence's prompt was paid for
 
     async def speak(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
-        """Generate `request` and yield its audio chunk by chunk (the generator's chunks: the first frame
-        alone, then 2 frames). Decoding runs while the next frames are made. Leaving the iteration (a
+        """Generate `request` and yield its audio chunk by chunk (the generator's chunks: 2 frames each,
+        `csm.async_engine.chunks`). Decoding runs while the next frames are made. Leaving the iteration (a
         barge-in) cancels the generation too, which frees its engine slot at once."""
         queue: asyncio.Queue[Frames | BaseException | None] = asyncio.Queue()
-        stream = self._generator.generate.remote(request)
+        stream = self._generate(request)
 
         async def pump() -> None:
             try:
@@ -226,7 +246,6 @@ class ReplyStream:
                 yield await self._decode(item.codes)
         finally:
             pump_task.cancel()
-            stream.cancel()
 
     async def _decode(self, codes: np.ndarray) -> AudioChunk:
         start = len(self.frames)
@@ -235,7 +254,7 @@ class ReplyStream:
         # do): the decoder hears them as code 0, while the context keeps the frames as the engine fed them.
         audible = np.where(codes < ModelArgs.codebook_size, codes, 0)
         history = None if history is None else np.where(history < ModelArgs.codebook_size, history, 0)
-        pcm = await self._decoder.decode.remote(start, audible, history)
+        pcm = await self._decode_call(start, audible, history)
         self.frames.extend(codes)
         return AudioChunk(pcm, codes)
 
@@ -246,6 +265,6 @@ class ReplyStream:
         if not self.frames:
             return
         try:
-            await self._decoder.close.remote()
+            await self._close_call()
         except Exception:
             log.warning("reply stream %s: decoder close failed", self.id, exc_info=True)

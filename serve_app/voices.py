@@ -14,12 +14,15 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from ray.serve.handle import DeploymentHandle
 
 from csm.audio import SAMPLE_RATE, float_to_pcm16, read_wav, to_mimi_rate
+
+if TYPE_CHECKING:  # a handle's calls need no import: a conversation without Ray imports this too
+    from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,9 @@ class Voice:
 
 
 class VoiceLibrary:
-    def __init__(self, directory: str | None, tokenizer: DeploymentHandle) -> None:
+    def __init__(self, directory: str | None, tokenizer: DeploymentHandle | None) -> None:
+        """`tokenizer`: the `AudioTokenizer` deployment that encodes each voice; None for no voices but
+        `none` (a conversation in one process, `serve_app.local_services`)."""
         self.directory = Path(directory) if directory else None
         self._tokenizer = tokenizer
         self._cache: dict[str, Voice] = {}
@@ -65,7 +70,7 @@ class VoiceLibrary:
         return self._cache[name]
 
     async def _encode(self, name: str) -> Voice:
-        assert self.directory is not None
+        assert self.directory is not None and self._tokenizer is not None
         wav = self.directory / f"{name}.wav"
         text = (self.directory / f"{name}.txt").read_text(encoding="utf-8").strip()
         if not text:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from csm.async_engine import AsyncEngine
+from csm.async_engine import AsyncEngine, chunks
 from csm.engine import Engine, EngineConfig, EngineFull, SamplingParams
 from csm.loading import random_model
 from csm.prompt import PromptBuilder, Segment
@@ -44,6 +44,17 @@ async def test_concurrent_streams_get_their_own_frames(engine, model):
     again = await asyncio.wait_for(collect(engine, p1, 6, 1), 60)
     np.testing.assert_array_equal(np.stack(again), np.stack(a))  # same seed, same frames
     assert max(engine.engine.stats.batch_sizes) == 2
+
+
+async def test_a_reply_streams_its_first_frames_together_then_chunks(engine, model):
+    p = prompt(model, "chunked")
+    items = [c async for c in chunks(engine.generate(p.tokens, p.mask, 7, SamplingParams(seed=3)), 2, 2)]
+    assert [c.shape for c in items] == [(2, 32), (2, 32), (2, 32), (1, 32)]  # the rest comes last
+    assert all(c.dtype == np.int16 for c in items)
+    frames = await collect(engine, p, 7, 3)  # the same frames as they came, in order
+    np.testing.assert_array_equal(np.concatenate(items), np.stack(frames))
+    single = [c async for c in chunks(engine.generate(p.tokens, p.mask, 1, SamplingParams(seed=3)))]
+    assert [c.shape[0] for c in single] == [1]  # a reply shorter than FIRST_FRAMES is still sent
 
 
 async def test_leaving_early_cancels_and_frees_the_slot(engine, model):

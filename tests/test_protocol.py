@@ -824,22 +824,48 @@ def test_size_limits() -> None:
     assert parse(message, max_audio_bytes=len(PCM) * 2).type == "input_audio_buffer.append"
 
 
-def test_unknown_fields_are_ignored() -> None:
+def test_ga_fields_not_done_here_are_accepted_and_change_nothing() -> None:
     event = parse(
         {
             "type": "session.update",
-            "session": {
-                "type": "realtime",
-                "tools": [],
-                "tracing": "auto",
-                "model": "gpt-realtime",
-                "z": "NaN",
-            },
-            "extra": {"nested": [[[1]]]},
+            "session": {"type": "realtime", "tools": [], "tracing": "auto", "model": "gpt-realtime"},
         }
     )
-    assert isinstance(event, p.SessionUpdate) and event.session.model_fields_set == {"type"}
-    assert parse('{"type": "input_audio_buffer.commit", "x": NaN}').type == "input_audio_buffer.commit"
+    assert isinstance(event, p.SessionUpdate)
+    session = p.RealtimeSession().apply(event.session)
+    assert session.model == p.DEFAULT_MODEL  # the server's model, whatever the client names
+    assert set(json.loads(session.model_dump_json(by_alias=True))) == set(
+        json.loads(p.RealtimeSession().model_dump_json(by_alias=True))
+    )  # and never echoed
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "ga"),
+    [
+        ({"type": "session.update", "session": {"voice": "narrator"}}, "session.voice", "audio.output.voice"),
+        ({"type": "session.update", "session": {"modalities": ["audio"]}}, "session.modalities", "output_"),
+        (
+            {"type": "session.update", "session": {"audio": {"output": {"voyce": "x"}}}},
+            "session.audio.output.voyce",
+            None,
+        ),
+        (
+            {"type": "session.update", "session": {"x-sampling": {"temprature": 1.0}}},
+            "session.x-sampling.temprature",
+            None,
+        ),
+        ({"type": "response.create", "response": {"voice": "narrator"}}, "response.voice", "response.audio"),
+        ({"type": "input_audio_buffer.commit", "extra": {"nested": [[[1]]]}}, "extra", None),
+    ],
+)  # fmt: skip
+def test_unknown_parameters_are_refused_by_name(message: dict, param: str, ga: str | None) -> None:
+    err = reject(message)
+    assert (err.code, err.param) == ("unknown_parameter", param)
+    event = err.to_event()
+    assert event.error.type == "invalid_request_error"
+    assert f"Unknown parameter: '{param}'." in event.error.message
+    if ga is not None:  # a beta name: the error says where the GA API has it
+        assert "The GA API has it at" in event.error.message and ga in event.error.message
 
 
 # ---------------------------------------------------------------------------------------------

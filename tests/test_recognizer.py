@@ -277,7 +277,9 @@ def test_pocketsphinx_streams_take_turns_in_one_step(sphinx, say):
         sphinx.step([Push(streams[0], a[i : i + CHUNK]), Push(streams[1], b[i : i + CHUNK])])
     end = np.zeros(0, np.float32)
     hello, weather = sphinx.step([Push(streams[0], end, final=True), Push(streams[1], end, final=True)])
-    assert "hello" in hello.split() and "weather" in weather.split()  # each stream its own decoder
+    # Each stream its own decoder: each hears its own words and none of the other's.
+    assert "world" in hello.split() and "weather" not in hello.split()
+    assert "weather" in weather.split() and "world" not in weather.split()
 
 
 def test_pocketsphinx_streams_of_silence_and_abandoned_ones(sphinx, say):
