@@ -5,7 +5,7 @@ The ingress owns who may call: the token (the principal, or None) and a request'
 conversations (`admit`, which raises `ApiError` 429 or 503). This module owns the request, its speech and
 the response. The input is split into sentences (`speech.reply_text.split_sentences`, the splitter of the
 replies); each is spoken with the earlier ones as context, as a reply's sentences are, through the same
-`ReplyStream` (the generator's frames, decoded in chunks of 1-2 as they come), so prosody carries on and
+`ReplyStream` (the generator's frames, decoded in chunks of 2 as they come), so prosody carries on and
 the voice's reference prefix is shared in the engine's cache. Bytes leave as frames are decoded: raw
 (`stream_format: audio`, chunked) or as `speech.audio.delta` / `speech.audio.done` server-sent events.
 Every error is OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`; the status and
