@@ -82,12 +82,31 @@ class _Worker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Encoding:
+class _CodecStream:
+    """One stream's slot in a streaming codec: taken at its first chunk, and at its end (or on a failure)
+    closed on the codec's worker and given back (its next stream opens it after the close: the worker
+    keeps order)."""
+
+    def __init__(self, slots: _Slots, worker: _Worker, close_slot: Callable[[int], object]) -> None:
+        self._slots, self._worker, self._close_slot = slots, worker, close_slot
+        self._slot: int | None = None
+
+    async def close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._worker.later(self._close_slot, slot)
+            self._slots.give(slot)
+
+
+class _Encoding(_CodecStream):
     """One turn's encoder stream (an input stream's `StreamCalls`)."""
 
     def __init__(self, encoder: StreamingEncoder, slots: _Slots, worker: _Worker) -> None:
-        self._encoder, self._slots, self._worker = encoder, slots, worker
-        self._slot: int | None = None
+        super().__init__(slots, worker, encoder.close)
+        self._encoder = encoder
 
     async def push(self, start: int, pcm: np.ndarray, final: bool) -> np.ndarray | None:
         fresh = self._slot is None
@@ -106,15 +125,6 @@ class _Encoding:
         if final:
             self._release()
         return codes
-
-    async def close(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._worker.later(self._encoder.close, slot)
-            self._slots.give(slot)  # its next stream opens it after the close: the worker keeps order
 
 
 class _Recognition:
@@ -148,12 +158,12 @@ class _Recognition:
             self._worker.later(self._transcriber.close, stream)
 
 
-class _Decoding:
+class _Decoding(_CodecStream):
     """One reply's decoder stream (a reply stream's `decode` and `close`)."""
 
     def __init__(self, decoder: StreamingDecoder, slots: _Slots, worker: _Worker) -> None:
-        self._decoder, self._slots, self._worker = decoder, slots, worker
-        self._slot: int | None = None
+        super().__init__(slots, worker, decoder.close)
+        self._decoder = decoder
         self._position = 0
 
     async def decode(self, start: int, codes: np.ndarray, history: np.ndarray | None) -> np.ndarray:
@@ -170,15 +180,6 @@ class _Decoding:
             self._release()
             raise
         return pcm
-
-    async def close(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._worker.later(self._decoder.close, slot)
-            self._slots.give(slot)
 
 
 class LocalServices:
