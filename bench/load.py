@@ -637,8 +637,17 @@ async def run_all(args: argparse.Namespace, url: str, own_cluster: bool, results
 # ---- the report ----------------------------------------------------------------------------------
 
 
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-th percentile of `values` (seconds), None when there are none."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def ms_of(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
 def pct(values: list[float], q: float) -> str:
-    return f"{np.percentile(values, q) * 1000:.0f}" if values else "-"
+    return ms_of(quantile(values, q))
 
 
 def growth_per_minute(memory: list[tuple[float, float]]) -> float:
@@ -780,7 +789,7 @@ def report(args: argparse.Namespace, url: str, runs: list[tuple[str, list[RunSta
 
 
 def p50(values: list[float]) -> float | None:
-    return float(np.percentile(values, 50)) if values else None
+    return quantile(values, 50)
 
 
 def underrun_share(s: RunStats) -> float | None:
@@ -810,18 +819,13 @@ def compare(streaming: list[RunStats], end_of_turn: list[RunStats]) -> list[str]
             continue
         st, et = p50(s.transcript_latency), p50(e.transcript_latency)
         sl, el = p50(s.turn_latency), p50(e.turn_latency)
-        s95 = float(np.percentile(s.turn_latency, 95)) if s.turn_latency else None
-        e95 = float(np.percentile(e.turn_latency, 95)) if e.turn_latency else None
+        s95, e95 = quantile(s.turn_latency, 95), quantile(e.turn_latency, 95)
         rows.append(
             f"| {s.people} | {ms_of(st)} / {ms_of(et)} | {ratio(et, st)} | {ms_of(sl)} / {ms_of(el)} "
             f"| {ratio(el, sl)} | {ratio(e95, s95)} "
             f"| {pct_of(underrun_share(s))} / {pct_of(underrun_share(e))} |"
         )
     return rows
-
-
-def ms_of(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.0f}"
 
 
 def targets(streaming: list[RunStats]) -> list[str]:
@@ -845,7 +849,7 @@ def targets(streaming: list[RunStats]) -> list[str]:
     check(
         "turn p95 s",
         8,
-        lambda s: float(np.percentile(s.turn_latency, 95)) if s.turn_latency else None,
+        lambda s: quantile(s.turn_latency, 95),
         2.0,
     )
     check("underrun share", 8, underrun_share, 0.05)
