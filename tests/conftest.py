@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -138,3 +141,23 @@ def serve_app(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def second_ingress(serve_app: dict, name: str, config: dict) -> Iterator[str]:
+    """Another `ConversationIngress` with `config` (validated first), on the running app's models, at
+    `/<name>`; yields its base URL and deletes it after."""
+    from ray import serve
+
+    from serve_app.ingress import ConversationIngress, IngressConfig
+
+    IngressConfig.model_validate(config)
+    handles = [
+        serve.get_deployment_handle(deployment, "csm")
+        for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer", "Responder")
+    ]
+    serve.run(ConversationIngress.bind(*handles, config), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{serve_app['url']}/{name}"
+    finally:
+        serve.delete(name)

@@ -16,8 +16,7 @@ from ray import serve
 from websockets.exceptions import InvalidStatus
 
 from lambda_bridge.local_gateway import LocalGateway
-from serve_app.ingress import ConversationIngress, IngressConfig
-from tests.conftest import APP_TOKEN, BRIDGE_CALLBACK_URL, GATEWAY_BRIDGE
+from tests.conftest import APP_TOKEN, BRIDGE_CALLBACK_URL, GATEWAY_BRIDGE, second_ingress
 from tests.realtime_client import Client, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
@@ -126,18 +125,9 @@ async def test_the_bridge_needs_its_own_token(serve_app, bridge_token):
 @pytest.fixture(scope="module")
 def one_per_principal(serve_app):
     """A second ingress on the same models, holding one open conversation per principal."""
-    name = "bridge_principals"
     config = {**serve_app["args"]["ingress"], "max_conversations_per_token": 1}
-    IngressConfig.model_validate(config)
-    handles = [
-        serve.get_deployment_handle(deployment, "csm")
-        for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer", "Responder")
-    ]
-    serve.run(ConversationIngress.bind(*handles, config), name=name, route_prefix=f"/{name}")
-    try:
-        yield f"{serve_app['url']}/{name}"
-    finally:
-        serve.delete(name)
+    with second_ingress(serve_app, "bridge_principals", config) as url:
+        yield url
 
 
 async def test_the_authorizers_principal_is_the_one_counted(one_per_principal):

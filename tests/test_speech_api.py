@@ -20,10 +20,9 @@ from ray import serve
 
 from csm.engine import EngineFull
 from serve_app.conversation import frames_for
-from serve_app.ingress import ConversationIngress, IngressConfig
 from serve_app.speech_api import SpeechApi, SpeechConfig
 from serve_app.voices import VoiceLibrary
-from tests.conftest import APP_TOKEN
+from tests.conftest import APP_TOKEN, second_ingress
 from tests.realtime_client import Client
 
 FRAME = 1920
@@ -158,16 +157,8 @@ def tight(serve_app):
         "max_conversations": 2,
         "max_conversations_per_token": 1,
     }
-    IngressConfig.model_validate(config)
-    handles = [
-        serve.get_deployment_handle(deployment, "csm")
-        for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer", "Responder")
-    ]
-    serve.run(ConversationIngress.bind(*handles, config), name=name, route_prefix=f"/{name}")
-    try:
-        yield {"url": f"{serve_app['url']}/{name}", "ws": serve_app["ws"].replace("/v1/", f"/{name}/v1/")}
-    finally:
-        serve.delete(name)
+    with second_ingress(serve_app, name, config) as url:
+        yield {"url": url, "ws": serve_app["ws"].replace("/v1/", f"/{name}/v1/")}
 
 
 async def test_a_speech_request_counts_as_a_conversation(serve_app, tight):
