@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINTED := csm speech deployments serve_app lambda_bridge tests bench infra_cdk docker
+LINTED := csm speech deployments serve_app lambda_bridge devtools tests bench infra_cdk docker
 FRONTEND := frontend
 NPM_STAMP := $(FRONTEND)/node_modules/.installed
 CHROMIUM ?= /usr/bin/chromium
@@ -58,8 +58,9 @@ docker-constraints: $(STAMP)
 	$(PY) docker/freeze_constraints.py
 
 # The AWS path on this machine: the API Gateway emulator with the real Lambda handlers in front of
-# `make demo`. Run both with the same CSM_TOKEN, CSM_BRIDGE_TOKEN (the bridge's own credential) and
-# CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local; list ws://127.0.0.1:8765/ in the page's config.json.
+# `make demo`. Run both with the same CSM_TOKEN, CSM_BRIDGE_TOKEN (the bridge's own credential),
+# CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local and AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+# (the emulator checks @connections' SigV4 signatures); list ws://127.0.0.1:8765/ in the page's config.json.
 gateway: $(STAMP)
 	CSM_ALLOW_ANONYMOUS=$${CSM_ALLOW_ANONYMOUS:-1} $(PY) -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000
 

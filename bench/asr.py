@@ -1,16 +1,18 @@
 """Pocketsphinx search settings: decoding cost, end-of-turn wait and words heard, per setting, in one run.
 
-    python bench/asr.py                # every setting below, 3 passes over 5 espeak-ng sentences
+    python bench/asr.py                # every setting below, 3 passes over 6 espeak-ng sentences
 
-Each sentence (the load benchmark's four and the browser test's) is decoded live as the recognizer does
+Each sentence (bench/load_client.py's four and the browser test's) is decoded live as the recognizer does
 it: `process_raw` per 320 ms chunk with a partial `hyp()` after each, then `end_utt`. Per setting: CPU
 seconds per second of speech (process time, this process only), the slowest `end_utt` (what is left to
 do when the turn ends), the key words heard (out of the sentences' key words), and the CPU ratio against
-pocketsphinx's defaults measured in the same run. `speech.asr.SPHINX_SEARCH` is the setting the app uses.
+pocketsphinx's defaults measured in the same run. `speech.asr_pocketsphinx.SPHINX_SEARCH` is the
+setting the app uses.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -22,8 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import SENTENCES, machine_line
-from speech.asr import SPHINX_SEARCH, _pcm16, to_asr_rate
+from bench.load_client import SENTENCES
+from bench.report import machine_line
+from csm.audio import FRAME_SIZE, SAMPLE_RATE
+from speech.asr import to_asr_rate
+from speech.asr_pocketsphinx import SPHINX_SEARCH, pcm16
 from speech.pcm import SPEECH_SAMPLE_RATE
 from tests.realtime_client import speech
 
@@ -47,7 +52,7 @@ SETTINGS: dict[str, dict] = {
     "no fwdflat, narrow beams": {"fwdflat": False, "beam": 1e-40, "wbeam": 1e-30, "pbeam": 1e-40},
 }
 PASSES = 3
-CHUNK = 4 * 1920 * SPEECH_SAMPLE_RATE // 24_000  # the ingress's ENCODE_CHUNK (4 frames) at 16 kHz
+CHUNK = 4 * FRAME_SIZE * SPEECH_SAMPLE_RATE // SAMPLE_RATE  # the ingress's ENCODE_CHUNK (4 frames) at 16 kHz
 
 
 def decode(decoder, audio: np.ndarray) -> tuple[str, float, float]:
@@ -55,7 +60,7 @@ def decode(decoder, audio: np.ndarray) -> tuple[str, float, float]:
     t0 = time.process_time()
     decoder.start_utt()
     for i in range(0, audio.size, CHUNK):
-        decoder.process_raw(_pcm16(audio[i : i + CHUNK]), False, False)
+        decoder.process_raw(pcm16(audio[i : i + CHUNK]), False, False)
         decoder.hyp()
     t1 = time.process_time()
     decoder.end_utt()
@@ -65,6 +70,9 @@ def decode(decoder, audio: np.ndarray) -> tuple[str, float, float]:
 
 
 def main() -> int:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     from pocketsphinx import Decoder
 
     folder = Path(tempfile.mkdtemp(prefix="asr_bench_"))

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, PRESETS, SAMPLE_RATE, MimiCodec, random_codec
-from csm.codec_streaming import StreamingDecoder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
+from bench.report import quantile
+from csm.audio import FRAME_SECONDS, FRAME_SIZE
+from csm.codec import NUM_CODEBOOKS, PRESETS, MimiCodec, random_codec
+from csm.codec_streaming import StreamingDecoder
 
 
 def _random_codes(streams: int, frames: int, seed: int) -> torch.Tensor:
@@ -91,7 +95,7 @@ def throughput_table(args: argparse.Namespace) -> None:
         naive_frames = [seconds * scale for seconds in naive_frames]
         audio = streams * args.frames * FRAME_SECONDS
         ours_p50 = statistics.median(ours_steps)
-        ours_p95 = sorted(ours_steps)[int(0.95 * (len(ours_steps) - 1))]
+        ours_p95 = quantile(ours_steps, 95)
         naive_mean = naive_total / args.frames
         print(
             f"| {streams} | {audio / ours_total:.1f} | {audio / naive_total:.2f} | "

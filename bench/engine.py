@@ -30,29 +30,22 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import OpCounter, bandwidth_floor_ms, sync
+from csm.audio import FRAME_SECONDS
 from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import load_model, parse_dtype, random_model
 from csm.model import CSM
 from csm.presets import ModelArgs, preset
 from csm.prompt import Prompt, PromptBuilder, Segment
+from csm.sampling import TEMPERATURE, TOP_K
 from csm.tokenizer import ByteTokenizer
-
-FRAME_S = 0.08
-TEMPERATURE, TOP_K = 0.9, 50
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_prompts(args: ModelArgs, n: int, context_frames: int, max_frames: int) -> list[Prompt]:
@@ -80,7 +73,7 @@ def _summary(frames: int, arrivals, first, last, wall: float, steady=()) -> dict
     return {
         "frames_s": frames * n / wall,
         # Streaming speed once a stream has started: compute seconds per 80 ms of audio.
-        "rtf": statistics.mean((last[i] - first[i]) / max(frames - 1, 1) / FRAME_S for i in range(n)),
+        "rtf": statistics.mean((last[i] - first[i]) / max(frames - 1, 1) / FRAME_SECONDS for i in range(n)),
         "ttff": statistics.mean(first[i] - arrivals[i] for i in range(n)),
         "step_ms": statistics.median(steady) * 1000 if steady else float("nan"),
     }
@@ -186,57 +179,7 @@ def build_pair(name: str, device: torch.device, dtype: torch.dtype, peer: bool):
     return ours, hf.to(device=device, dtype=dtype).eval()
 
 
-def bandwidth_floor_ms(model: CSM, device: torch.device) -> tuple[float, float, float]:
-    """(GB read per frame at batch 1, measured copy GB/s, floor in ms)."""
-    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
-    n_dec = model.args.num_codebooks - 1
-    per_frame = (
-        size(model.backbone)
-        + model.codebook0_head.weight.numel() * model.codebook0_head.weight.element_size()
-        # The projection once (the backbone's output): later codebooks' inputs are rows of a projected table.
-        + model.projection.weight.numel() * model.projection.weight.element_size()
-        + n_dec * size(model.decoder)
-        + model.audio_head.numel() * model.audio_head.element_size()
-    )
-    buf = torch.empty(256 * 2**20, dtype=torch.float32, device=device)  # 1 GiB
-    dst = torch.empty_like(buf)
-    for _ in range(3):
-        dst.copy_(buf)
-    sync(device)
-    reps = 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(buf)
-    sync(device)
-    gbps = 2 * buf.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9  # read + write
-    return per_frame / 1e9, gbps, per_frame / 1e9 / gbps * 1000
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched, by name; `views` counts those that only alias an input (no kernel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-        self.views: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func.overloadpacket)
-        self.ops[name] += 1
-        if func.is_view and _aliases(out, args):  # `to`, `reshape`, ... may alias or copy
-            self.views[name] += 1
-        return out
-
-
-def _aliases(out, args) -> bool:
-    storage = lambda t: t.untyped_storage()._cdata  # noqa: E731  (meta tensors have storages too)
-    inputs = {storage(t) for t in args if isinstance(t, torch.Tensor)}
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    return all(isinstance(o, torch.Tensor) and storage(o) in inputs for o in outs)
-
-
-def frame_ops(name: str, dtype: torch.dtype, streams: int, static_shapes: bool) -> _OpCounter:
+def frame_ops(name: str, dtype: torch.dtype, streams: int, static_shapes: bool) -> OpCounter:
     """The ops of one frame step (`Engine._frame`, the body of a CUDA graph) of `streams` streams, for the
     preset built on the `meta` device: the real shapes, no weights, no compute, the ops a GPU would run
     (no CPU prepacking, no CPU-only casts or copies)."""
@@ -246,7 +189,7 @@ def frame_ops(name: str, dtype: torch.dtype, streams: int, static_shapes: bool) 
     engine = Engine(model, EngineConfig(max_slots=streams, cuda_graphs=False)).setup()
     # Eager: the batch's own largest top_k, every row sampled; static: the bucketed shapes' full k_max.
     k_max, mode = (model.args.audio_vocab_size, "mixed") if static_shapes else (TOP_K, "sample")
-    counter = _OpCounter()
+    counter = OpCounter()
     with torch.inference_mode(), counter:
         engine._frame(streams, 256, k_max, mode)
     return counter
@@ -395,7 +338,7 @@ def main() -> None:
                 f"first frame x{mine['ttff'] / peer['ttff']:.2f}"
             )
     # Steady state: every active stream gets one frame per step, so a step under 80 ms is real time.
-    realtime = [n for sc, n, mine, _ in rows if sc == "together" and mine["step_ms"] < FRAME_S * 1000]
+    realtime = [n for sc, n, mine, _ in rows if sc == "together" and mine["step_ms"] < FRAME_SECONDS * 1000]
     best = max(realtime) if realtime else "none"
     print(f"\nlargest stream count with every stream faster than real time (step < 80 ms): {best}")
     if a.floor:

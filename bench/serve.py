@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,15 +34,16 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.launch import app_name, config_args, demo_config, free_port, start_app, stop_app
+from bench.report import pct_ms
 from csm.async_engine import AsyncEngine
+from csm.audio import FRAME_SIZE
 from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import random_model
 from csm.prompt import PromptBuilder, Segment
 from csm.tokenizer import ByteTokenizer
-from serve_app.conversation import ASSISTANT, PERSON, frames_for
+from serve_app.reply import ASSISTANT, PERSON, frames_for
 from tests.realtime_client import Client, audio_samples
-
-FRAME = 1920
 
 
 def turn_text(person: int, turn: int) -> str:
@@ -82,7 +83,7 @@ async def serve_run(url: str, n: int, turns: int) -> dict:
                 if event["type"] == "response.done":
                     assert event["response"]["status"] == "completed", event
                     break
-            frames += audio_samples(events) // FRAME
+            frames += audio_samples(events) // FRAME_SIZE
         await client.close()
         return frames, latencies
 
@@ -113,38 +114,17 @@ async def direct_run(engine: AsyncEngine, builder: PromptBuilder, n: int, turns:
     return await _people(person, n)
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+def app_config(preset: str, threads: int, slots: int, history: str) -> dict:
+    """serve_config.yaml (bench/launch.py) with our preset, and a generator like the direct engine: `slots`
+    slots, every step (prefill too) on `threads` torch threads."""
+    config = demo_config(free_port(), history, None, max(slots, 8))
+    args = config_args(config)
+    args["preset"] = preset
+    args["generator"] = {"max_slots": slots, "torch_threads": threads}
+    return config
 
 
-def start_app(preset: str, threads: int, slots: int) -> str:
-    import ray
-
-    from serve_app.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["CSM_TORCH_THREADS"] = "1"  # codec, ASR, ingress; the generator gets `threads` below
-    # Ray starts workers at nice 15; the direct engine runs here at nice 0, beside this process's clients.
-    # Same priority on both sides (a real server has no load generator on its cores).
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "preset": preset,
-        "generator": {"max_slots": slots, "torch_threads": threads},
-        "ingress": {
-            "history_dir": tempfile.mkdtemp(),
-            "max_conversations": max(slots, 8),
-            "allow_anonymous": True,  # loopback only, no token
-        },
-    }
-    serve.run(build_app(args), name="csm", route_prefix="/")
-    return f"ws://127.0.0.1:{port}/v1/realtime"
-
-
-async def main() -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--conversations", default="1,4,8")
@@ -157,7 +137,20 @@ async def main() -> None:
     counts = [int(x) for x in args.conversations.split(",")]
     slots = max(counts)
 
-    url = start_app(args.preset, args.threads, slots)
+    os.environ["CSM_TORCH_THREADS"] = "1"  # codec, ASR, ingress; the generator gets --threads
+    history = tempfile.mkdtemp(prefix="serve_history_")
+    config = app_config(args.preset, args.threads, slots, history)
+    try:
+        url = start_app(config)
+        asyncio.run(compare(args, counts, url, app_name(config)))
+    finally:
+        stop_app()
+        shutil.rmtree(history, ignore_errors=True)
+
+
+async def compare(args: argparse.Namespace, counts: list[int], url: str, app: str) -> None:
+    """Warm both sides up, then the table: each count through Serve and direct, and the frame steps."""
+    slots = max(counts)
     torch.set_num_threads(args.threads)
     model = random_model(args.preset).model  # the same seed-0 random weights the replica builds
     engine = AsyncEngine(Engine(model, EngineConfig(max_slots=slots)))
@@ -176,7 +169,7 @@ async def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    generator = serve.get_deployment_handle("CSMGenerator", "csm")
+    generator = serve.get_deployment_handle("CSMGenerator", app)
 
     async def steps_of(run, info):
         """Await `run` (a coroutine, not started yet); add its frame steps' mean batch and median ms.
@@ -211,8 +204,8 @@ async def main() -> None:
         sf, df = s["frames"] / s["wall"], d["frames"] / d["wall"]
         print(
             f"{n:>5} | {sf:>14.1f} | {df:>15.1f} | {sf / df:>5.2f} | "
-            f"{pct(s['latencies'], 50):>10.0f} / {pct(s['latencies'], 95):>10.0f} | "
-            f"{pct(d['latencies'], 50):>14.0f} / {pct(d['latencies'], 95):>14.0f}"
+            f"{pct_ms(s['latencies'], 50):>10} / {pct_ms(s['latencies'], 95):>10} | "
+            f"{pct_ms(d['latencies'], 50):>14} / {pct_ms(d['latencies'], 95):>14}"
         )
         sys.stdout.flush()
         steps_table.append((n, s["batch"], d["batch"], s["step_ms"], d["step_ms"]))
@@ -226,4 +219,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -1,5 +1,5 @@
 """`/v1/audio/speech` under concurrency: time to first byte and real-time factor at 1, 4 and 8 concurrent
-requests (by default) on the CPU demo app (`serve_config.yaml`, started here as `bench/load.py` starts it),
+requests (by default) on the CPU demo app (`serve_config.yaml`, started by bench/launch.py),
 or on a running server (`--url`). Loopback only; every loop is bounded (`--requests` per client).
 
     .venv/bin/python bench/speech_api.py                    # the CPU demo, 1,4,8 concurrent
@@ -7,8 +7,10 @@ or on a running server (`--url`). Loopback only; every loop is bounded (`--reque
 
 Per request: TTFB (request sent → first audio byte) and RTF (its wall time / its audio's length). Per
 level: aggregate RTF = the level's wall time / all the audio it made (below 1: the server speaks faster
-than real time in all). Random weights never end a sentence early, so the audio's length is the most the
-text allows (`serve_app.conversation.frames_for`); real weights end sooner.
+than real time in all), and its throughput (audio seconds per second) as a ratio to the first level's,
+measured in the same run: what batching across requests buys. Random weights never end a sentence early,
+so the audio's length is the most the text allows (`serve_app.conversation.frames_for`); real weights end
+sooner.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import demo_config, free_port, start_app, stop_app
+from bench.launch import demo_config, free_port, start_app, stop_app
+from bench.report import markdown, quantile
+from csm.audio import SAMPLE_RATE
 
-SAMPLE_RATE = 24_000
 TEXT = "Hello, and welcome back. This is a short test of the speech endpoint. It sounds the same throughout."
 
 
@@ -68,49 +71,42 @@ async def level(
         return [r for rs in results for r in rs], time.perf_counter() - start
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def table(rows: list[list[str]]) -> str:
-    head = [
-        "concurrent",
-        "requests",
-        "TTFB p50 s",
-        "TTFB p95 s",
-        "RTF p50",
-        "audio s",
-        "wall s",
-        "aggregate RTF",
-    ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+HEADER = (
+    "concurrent",
+    "requests",
+    "TTFB p50 s",
+    "TTFB p95 s",
+    "RTF p50",
+    "audio s",
+    "wall s",
+    "aggregate RTF",
+    "throughput × 1",
+)
 
 
 async def run(url: str, token: str | None, levels: list[int], requests: int, text: str) -> list[list[str]]:
     async with httpx.AsyncClient(timeout=300.0) as http:
         await one(http, url, token, "Warm up.")  # first-use costs stay out of the table
-    rows = []
+    rows: list[list[str]] = []
+    base: float | None = None  # audio seconds per wall second at the first level
     for n in levels:
         results, wall = await level(url, token, n, requests, text)
         audio = sum(r.audio_s for r in results)
+        base = base or audio / wall
         rows.append(
             [
                 str(n),
                 str(len(results)),
-                f"{pct([r.ttfb_s for r in results], 0.5):.2f}",
-                f"{pct([r.ttfb_s for r in results], 0.95):.2f}",
+                f"{quantile([r.ttfb_s for r in results], 50):.2f}",
+                f"{quantile([r.ttfb_s for r in results], 95):.2f}",
                 f"{statistics.median(r.wall_s / r.audio_s for r in results):.2f}",
                 f"{audio:.1f}",
                 f"{wall:.1f}",
                 f"{wall / audio:.2f}",
+                f"{audio / wall / base:.2f}",
             ]
         )
-        print(table(rows[-1:]), file=sys.stderr)
+        print(markdown(HEADER, rows[-1:]), file=sys.stderr)
     return rows
 
 
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.url is None:
             stop_app()
-    print(table(rows))
+    print(markdown(HEADER, rows))
     return 0
 
 

@@ -15,7 +15,12 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-SAMPLE_RATE = 24_000  # Mimi's rate
+# The one home of the audio clock: Mimi's rate and its frame, which is also CSM's step.
+SAMPLE_RATE = 24_000
+FRAME_SIZE = 1920  # samples per frame
+FRAME_MS = FRAME_SIZE * 1000 // SAMPLE_RATE  # 80
+FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
+SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _PCM16_SCALE = 32768.0
 
 

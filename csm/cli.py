@@ -14,15 +14,13 @@ import time
 import torch
 
 from csm.async_engine import AsyncEngine
+from csm.audio import FRAME_SECONDS
+from csm.checkpoint import load_checkpoint
 from csm.engine import Engine, EngineConfig, SamplingParams
-from csm.loading import LoadedModel, load_model, parse_dtype, random_model
+from csm.loading import LoadedModel, parse_dtype
 from csm.presets import PRESET_NAMES
 from csm.prompt import PromptBuilder, Segment
-from csm.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
-
-log = logging.getLogger("csm.cli")
-
-FRAME_SECONDS = 0.08
+from csm.tokenizer import TextTokenizer
 
 _LINES = [
     "Hello! How has your day been so far?",
@@ -33,19 +31,10 @@ _LINES = [
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, TextTokenizer]:
-    model_path = args.model_path or os.environ.get("MODEL_PATH")
-    dtype = parse_dtype(args.dtype)
-    if not model_path:
-        log.warning("NO WEIGHTS GIVEN: running the random '%s' preset; its audio is noise", args.preset)
-        return random_model(args.preset, dtype=dtype, device=args.device), ByteTokenizer()
-    loaded = load_model(model_path, dtype=dtype, device=args.device)
-    # The transformers format ships tokenizer.json beside the weights; the Sesame format does not.
-    tokenizer_path = os.environ.get("TOKENIZER_PATH") or (model_path if loaded.format == "hf" else None)
-    if tokenizer_path is None:
-        raise SystemExit(
-            "a Sesame-format checkpoint needs TOKENIZER_PATH (a Llama-3 tokenizer.json or its folder)"
-        )
-    return loaded, load_tokenizer(tokenizer_path)
+    try:
+        return load_checkpoint(args.model_path, None, args.preset, parse_dtype(args.dtype), args.device)
+    except (FileNotFoundError, ValueError) as e:  # a missing path, a bad checkpoint: say which, no trace
+        raise SystemExit(str(e)) from e
 
 
 async def _stream(

@@ -25,9 +25,9 @@ from transformers.models.mimi.modeling_mimi import (
     MimiTransformerModel,
 )
 
+from csm.audio import FRAME_SIZE, SAMPLE_RATE
+
 NUM_CODEBOOKS = 32  # CSM uses the first 32 Mimi codebooks
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
 
 
 _CSM_CODEC_PREFIX = "codec_model."

@@ -36,7 +36,8 @@ from transformers.models.mimi.modeling_mimi import (
     repeat_kv,
 )
 
-from csm.codec import FRAME_SIZE, NUM_CODEBOOKS, MimiCodec, MimiParts, rotary
+from csm.audio import FRAME_SIZE
+from csm.codec import NUM_CODEBOOKS, MimiCodec, MimiParts, rotary
 from csm.host import to_host, to_host_each
 
 # Frames of codes replayed into a fresh slot to rebuild a lost decoder state (`StreamingDecoder.recover`).

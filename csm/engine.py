@@ -49,7 +49,7 @@ from torch import Tensor
 from csm.host import to_host
 from csm.model import CSM, CacheView
 from csm.presets import ModelArgs
-from csm.sampling import MAX_TOP_K, Mode, NoiseTables, sample, sampling_inputs, seed_key
+from csm.sampling import MAX_TOP_K, TEMPERATURE, TOP_K, Mode, NoiseTables, sample, sampling_inputs, seed_key
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class EngineFull(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.9  # 0 = greedy
-    top_k: int = 50
+    temperature: float = TEMPERATURE  # 0 = greedy
+    top_k: int = TOP_K
     seed: int | None = None  # None: a random seed, fixed for the request
 
     def validated(self, vocab: int) -> SamplingParams:

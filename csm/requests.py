@@ -12,6 +12,7 @@ import numpy as np
 from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, AsyncEngine, chunks
 from csm.engine import SamplingParams
 from csm.prompt import PromptBuilder, Segment
+from csm.sampling import TEMPERATURE, TOP_K
 
 __all__ = ["Frames", "PromptUse", "SpeechRequest", "speak"]
 
@@ -25,8 +26,8 @@ class SpeechRequest:
     context: list[Segment] = field(default_factory=list)
     keep_first: int = 0  # leading context segments to keep when trimming (the voice's reference)
     max_frames: int = 125
-    temperature: float = 0.9
-    top_k: int = 50
+    temperature: float = TEMPERATURE
+    top_k: int = TOP_K
     seed: int | None = None
     conversation_id: str | None = None  # whose cached rows to reuse (and the replica to route to)
     voice: str | None = None  # whose reference is `context[0]`: a prefix shared across conversations

@@ -22,6 +22,8 @@ from torch import Tensor
 
 _M32 = 0xFFFFFFFF
 
+TEMPERATURE = 0.9  # the reference's defaults, for every caller that does not choose
+TOP_K = 50
 MAX_TOP_K = 256  # the largest top_k a request may ask for; SamplingParams validates against it
 
 _Int = TypeVar("_Int", int, Tensor)

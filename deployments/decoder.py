@@ -28,13 +28,15 @@ __all__ = ["RECOVERY_FRAMES", "AudioDecoder", "DecoderConfig"]
 
 
 class DecoderConfig(CodecConfig):
+    """Constructor arguments: the codec's, and the most frames one `decode` call may carry."""
+
     max_frames_per_call: int = Field(4, ge=1, le=16)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class AudioDecoder(CodecReplica):
-    def __init__(self, config: dict | None = None) -> None:
-        cfg = DecoderConfig.model_validate(config or {})
+    def __init__(self, config: DecoderConfig | None = None) -> None:
+        cfg = config or DecoderConfig()
         codec = self._setup(
             cfg, self._step, "csm_decoder_batch_size", "Reply streams decoded together in one Mimi step."
         )

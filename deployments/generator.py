@@ -91,8 +91,8 @@ def _gpu_share() -> float:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class CSMGenerator:
-    def __init__(self, config: dict | None = None) -> None:
-        cfg = GeneratorConfig.model_validate(config or {})
+    def __init__(self, config: GeneratorConfig | None = None) -> None:
+        cfg = config or GeneratorConfig()
         set_torch_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
         dtype = pick_dtype(cfg.dtype, device)

@@ -23,10 +23,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import metrics
 
@@ -37,9 +38,25 @@ from speech.pcm import check_pcm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RecognizerOptions", "SpeechRecognizer"]
+__all__ = ["RecognizerConfig", "RecognizerOptions", "SpeechRecognizer"]
 
 RECORDS = 256  # finished streams whose decode record `stats()` keeps
+
+
+class RecognizerConfig(BaseModel):
+    """Constructor arguments (fixed for a replica's life)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    whisper_path: str | None = None  # a local Whisper weights directory (transformers format)
+    num_slots: int = Field(32, ge=1)  # streams a replica keeps (LRU beyond)
+
+    @model_validator(mode="after")
+    def _whisper_needs_weights(self) -> RecognizerConfig:
+        if self.backend == "whisper" and self.whisper_path is None:
+            raise ValueError("backend 'whisper' needs whisper_path: a local Whisper weights directory")
+        return self
 
 
 class RecognizerOptions(BaseModel):
@@ -49,6 +66,9 @@ class RecognizerOptions(BaseModel):
 
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+
+
+_DEFAULT_OPTIONS = RecognizerOptions()
 
 
 @dataclass
@@ -73,23 +93,15 @@ class _Job:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class SpeechRecognizer(StreamRouting):
-    def __init__(
-        self,
-        backend: str = "pocketsphinx",
-        whisper_path: str | None = None,
-        max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.01,
-        num_slots: int = 32,
-    ) -> None:
+    def __init__(self, config: RecognizerConfig | None = None) -> None:
+        cfg = config or RecognizerConfig()
         set_torch_threads(None)  # CSM_TORCH_THREADS, default 1: replicas share the machine's cores
-        device = torch.device("cuda" if backend == "whisper" and torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if cfg.backend == "whisper" and torch.cuda.is_available() else "cpu")
         dtype = pick_dtype("auto", device)
-        self.transcriber = make_transcriber(backend, whisper_path, device=device, dtype=dtype)
-        self.backend = backend
-        self.options = RecognizerOptions(
-            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
-        )
-        self.streams = StreamTable(num_slots)  # which streams this replica keeps (LRU beyond num_slots)
+        self.transcriber = make_transcriber(cfg.backend, cfg.whisper_path, device=device, dtype=dtype)
+        self.backend = cfg.backend
+        self.options = _DEFAULT_OPTIONS
+        self.streams = StreamTable(cfg.num_slots)  # which streams this replica keeps (LRU beyond num_slots)
         self._states: dict[str, RecognitionStream] = {}  # touched only by the batch thread
         self._records: dict[str, StreamRecord] = {}
         self._finished: deque[str] = deque()
@@ -99,7 +111,7 @@ class SpeechRecognizer(StreamRouting):
             description="Recognition streams decoded together in one step.",
             boundaries=[1, 2, 4, 8, 16, 32],
         )
-        self.loop = BatchLoop(self._step, max_batch_size, batch_size.observe)
+        self.loop = BatchLoop(self._step, self.options.max_batch_size, batch_size.observe)
         self._apply(self.options)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -191,7 +203,10 @@ class SpeechRecognizer(StreamRouting):
             return ""
         return await self.transcribe_batch(samples)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(
+        max_batch_size=_DEFAULT_OPTIONS.max_batch_size,
+        batch_wait_timeout_s=_DEFAULT_OPTIONS.batch_wait_timeout_s,
+    )
     async def transcribe_batch(self, batch: list[np.ndarray]) -> list[str]:
         # In a worker thread: decoding takes up to a second and must not stall the replica's event loop.
         return await asyncio.to_thread(self.transcriber.transcribe, batch)

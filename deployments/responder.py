@@ -8,7 +8,9 @@ from collections.abc import AsyncGenerator
 
 from ray import serve
 
-from speech.reply_text import ReplyWriter, ResponderConfig, ResponderError, make_backend, parse_turns
+from speech.reply_backends import make_backend
+from speech.reply_config import ResponderConfig, ResponderError
+from speech.reply_text import ReplyWriter, parse_turns
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +21,13 @@ __all__ = ["Responder"]
 class Responder:
     """Reply text for every conversation. `user_config` keys override the constructor's config, live."""
 
-    def __init__(self, config: dict | None = None) -> None:
-        self._base = dict(config or {})
-        self._writer = ReplyWriter(ResponderConfig.model_validate(self._base))
-        log.info("responder backend: %s", self._writer.config.backend)
+    def __init__(self, config: ResponderConfig | None = None) -> None:
+        self._base = config or ResponderConfig()
+        self._writer = ReplyWriter(self._base)
+        log.info("responder backend: %s", self._base.backend)
 
     async def reconfigure(self, user_config: dict) -> None:
-        config = ResponderConfig.model_validate({**self._base, **(user_config or {})})
+        config = ResponderConfig.model_validate({**self._base.model_dump(), **(user_config or {})})
         writer = ReplyWriter(config, await asyncio.to_thread(make_backend, config))
         old, self._writer = self._writer, writer
         await old.aclose()

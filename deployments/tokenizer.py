@@ -30,8 +30,8 @@ class TokenizerConfig(CodecConfig):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class AudioTokenizer(CodecReplica):
-    def __init__(self, config: dict | None = None) -> None:
-        cfg = TokenizerConfig.model_validate(config or {})
+    def __init__(self, config: TokenizerConfig | None = None) -> None:
+        cfg = config or TokenizerConfig()
         codec = self._setup(
             cfg, self._step, "csm_tokenizer_batch_size", "Input streams encoded together in one Mimi step."
         )

@@ -1,9 +1,9 @@
 """Which weights a replica runs: a checkpoint named by the config or the environment, or random presets.
 
-Both model deployments resolve paths the same way, so `/readyz` and the logs can say exactly what runs:
-`MODEL_PATH` (either checkpoint format), `TOKENIZER_PATH` (needed for the Sesame format), `MIMI_PATH`
-(the codec; an HF-format CSM checkpoint carries its own). Nothing given: the random `tiny` presets, and
-a loud warning, because the audio they make is noise.
+Both model deployments resolve paths the same way (`csm.checkpoint`), so `/readyz` and the logs can say
+exactly what runs: `MODEL_PATH` (either checkpoint format), `TOKENIZER_PATH` (needed for the Sesame
+format), `MIMI_PATH` (the codec; an HF-format CSM checkpoint carries its own). Nothing given: the random
+`tiny` presets, and a loud warning, because the audio they make is noise.
 """
 
 from __future__ import annotations
@@ -15,14 +15,24 @@ from pathlib import Path
 
 import torch
 
+from csm.checkpoint import RANDOM_WARNING, load_checkpoint, resolve_path
 from csm.codec import MimiCodec, load_codec, random_codec
-from csm.loading import dtype_for, load_model, parse_dtype, random_model
+from csm.loading import dtype_for, parse_dtype
 from csm.model import CSM
-from csm.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
+from csm.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-RANDOM_WARNING = "random weights: no MODEL_PATH given, the audio is noise"
+# RANDOM_WARNING is also what `/readyz` says (serve_app.ingress imports it from here).
+__all__ = [
+    "RANDOM_WARNING",
+    "LoadedWeights",
+    "load_csm",
+    "load_mimi",
+    "pick_device",
+    "pick_dtype",
+    "set_torch_threads",
+]
 
 
 @dataclass(frozen=True)
@@ -51,35 +61,18 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(max(n, 1))
 
 
-def _path(given: str | None, env: str) -> str | None:
-    value = given or os.environ.get(env) or None
-    if value is not None and not Path(value).exists():
-        raise FileNotFoundError(f"{env}={value}: no such file or directory")
-    return value
-
-
 def load_csm(
     model_path: str | None, tokenizer_path: str | None, preset: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[CSM, TextTokenizer, LoadedWeights]:
-    path = _path(model_path, "MODEL_PATH")
-    if path is None:
-        log.warning("CSM: %s (preset %r)", RANDOM_WARNING.upper(), preset)
-        loaded = random_model(preset, dtype=dtype, device=device)
-        return loaded.model, ByteTokenizer(), LoadedWeights(f"random {preset}", random=True)
-    loaded = load_model(path, dtype=dtype, device=device)
-    # The transformers format ships tokenizer.json beside the weights; the Sesame format does not.
-    tok = _path(tokenizer_path, "TOKENIZER_PATH") or (path if loaded.format == "hf" else None)
-    if tok is None:
-        raise ValueError(f"{path} is a Sesame-format checkpoint: set TOKENIZER_PATH to a Llama-3 tokenizer")
-    log.info("CSM: loaded %s (%s format, %s)", path, loaded.format, dtype)
-    return loaded.model, load_tokenizer(tok), LoadedWeights(path, random=False)
+    loaded, tokenizer = load_checkpoint(model_path, tokenizer_path, preset, dtype, device)
+    return loaded.model, tokenizer, LoadedWeights(loaded.source, random=loaded.format == "random")
 
 
 def load_mimi(
     mimi_path: str | None, model_path: str | None, preset: str, device: torch.device
 ) -> tuple[MimiCodec, LoadedWeights]:
     """The codec runs in fp32: its decode is the last step before the ear, and it is cheap."""
-    path = _path(mimi_path, "MIMI_PATH") or _path(model_path, "MODEL_PATH")
+    path = resolve_path(mimi_path, "MIMI_PATH") or resolve_path(model_path, "MODEL_PATH")
     if path is not None and (Path(path) / "config.json").is_file():
         try:
             codec = load_codec(path, device=device)

@@ -12,12 +12,17 @@ taken from `CSM_BRIDGE_CALLBACK_URL`): run the ingress with the same two variabl
   messages up to 128 KB (over either: 1009), closes idle sockets (10 min) and old ones (2 h) with 1001;
 - invokes `$default` with each message, in an event shaped like API Gateway's (`requestContext`:
   routeKey, connectionId, eventType, domainName, stage, ...), and `$disconnect` when a socket ends;
-- serves `@connections` (POST, GET, DELETE; SigV4-signed requests only) on a second port, where the
-  unmodified boto3 `apigatewaymanagementapi` client posts: a message over 128 KB gets 413, an unknown
-  connection 410 `GoneException`; messages over 32 KB reach the browser in 32 KB fragments.
+- serves `@connections` (POST, GET, DELETE) on a second port, where the unmodified boto3
+  `apigatewaymanagementapi` client posts: a message over 128 KB gets 413, an unknown connection 410
+  `GoneException`; messages over 32 KB reach the browser in 32 KB fragments. Every request's SigV4
+  signature is checked with botocore's signer against the gateway's known credentials
+  (`devtools.sigv4`; by default `testing`/`testing` and the pair in its own environment): a bad one gets
+  AWS's 403.
 
-Unlike API Gateway it invokes a connection's messages one at a time, in order (API Gateway may run
-them concurrently). It is a development and test tool and is never deployed.
+By default it invokes a connection's messages one at a time, in order. API Gateway may run them
+concurrently; `concurrent_delivery=True` (`--concurrent-delivery`) does that too: each message's `$default`
+starts at once, after a random delay of up to `delivery_jitter_s`, so they can reach the ingress in any
+order. It is a development and test tool and is never deployed.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -44,6 +50,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
+from devtools.sigv4 import SignatureRefused, verify
 from lambda_bridge import authorizer as authorizer_module
 from lambda_bridge import handlers
 from lambda_bridge import settings as settings_module
@@ -56,6 +63,7 @@ IDLE_TIMEOUT_S = 10 * 60
 MAX_CONNECTION_S = 2 * 60 * 60
 API_ID = "local"
 Handler = Callable[[dict, object], dict]
+KNOWN_CREDENTIALS = {"testing": "testing"}  # access key -> secret: the stand-ins' convention (moto's too)
 UNAUTHORIZED: dict = {}  # what `_invoke` returns when a handler raised "Unauthorized" (compared by identity)
 
 
@@ -134,6 +142,10 @@ class LocalGateway:
         forward_deadline_s: float | None = None,
         deliver_disconnect: bool = True,
         routes: Routes | None = None,
+        credentials: Mapping[str, str] | None = None,
+        concurrent_delivery: bool = False,
+        delivery_jitter_s: float = 0.05,
+        seed: int | None = None,
     ) -> None:
         self.serve_url = serve_url
         self.token = token
@@ -146,9 +158,15 @@ class LocalGateway:
         self.lambda_timeout_s = lambda_timeout_s
         self.forward_deadline_s = forward_deadline_s
         self.deliver_disconnect = deliver_disconnect  # False: a lost $disconnect, as API Gateway may do
+        # Who may sign @connections requests: the given pairs, or the known ones and this process's own.
+        self.credentials = dict(credentials) if credentials is not None else _default_credentials()
         self.connections: dict[str, _Connection] = {}
         self.invocations: list[tuple[str, dict]] = []  # (route, event): what the handlers were given
         self.throttle_posts = 0  # the next N posts get 429 LimitExceededException
+        self.refused_signatures = 0  # @connections requests answered 403 for their signature
+        self.concurrent_delivery = concurrent_delivery
+        self.delivery_jitter_s = delivery_jitter_s
+        self._rng = random.Random(seed)
         self._ws: Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -214,9 +232,10 @@ class LocalGateway:
         if self.forward_deadline_s is not None:
             env["FORWARD_DEADLINE_S"] = str(self.forward_deadline_s)
         os.environ.update(env)
-        # boto3 signs its @connections posts; local credentials are enough for a local endpoint.
-        for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local")):
-            os.environ.setdefault(name, value)
+        # The handlers' boto3 signs its @connections posts with this process's credentials.
+        key, secret = next(iter(self.credentials.items()))
+        if os.environ.get("AWS_ACCESS_KEY_ID") not in self.credentials:
+            os.environ.update(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret)
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         settings_module.reset()
         handlers.serve.cache_clear()
@@ -256,6 +275,15 @@ class LocalGateway:
             if str(e) == "Unauthorized":  # an authorizer's way of asking API Gateway for a 401
                 return UNAUTHORIZED
             return None
+
+    async def _invoke_later(self, delay_s: float, event: dict) -> None:
+        await asyncio.sleep(delay_s)
+        await self._invoke("$default", self.routes.default, event)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- the browser's socket ---------------------------------------------------------------------
     async def _handshake(self, socket: ServerConnection, request: Request) -> Response | None:
@@ -340,7 +368,10 @@ class LocalGateway:
                 if connection.authorizer:
                     context["authorizer"] = connection.authorizer
                 event = {"requestContext": context, "body": message, "isBase64Encoded": False}
-                await self._invoke("$default", self.routes.default, event)
+                if self.concurrent_delivery:
+                    self._spawn(self._invoke_later(self._rng.random() * self.delivery_jitter_s, event))
+                else:
+                    await self._invoke("$default", self.routes.default, event)
         except ConnectionClosed as e:
             if e.rcvd is not None:
                 status, reason = e.rcvd.code, e.rcvd.reason or "client closed"
@@ -377,9 +408,7 @@ class LocalGateway:
                     name, _, value = header.decode("latin-1").partition(":")
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                status, payload, extra = await self._management(
-                    method, unquote(urlsplit(target).path), headers, body
-                )
+                status, payload, extra = await self._management(method, target, headers, body)
                 head = [f"HTTP/1.1 {status.value} {status.phrase}", f"Content-Length: {len(payload)}"]
                 head += ["Content-Type: application/json", "Connection: keep-alive"]
                 head += [f"{k}: {v}" for k, v in extra.items()]
@@ -392,13 +421,18 @@ class LocalGateway:
             writer.close()
 
     async def _management(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
+        self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> tuple[HTTPStatus, bytes, dict[str, str]]:
+        path = unquote(urlsplit(target).path)
         prefix = f"/{self.stage}/@connections/"
         if not path.startswith(prefix):
             return _error(HTTPStatus.NOT_FOUND, "NotFoundException", f"no route {path}")
-        if not headers.get("authorization", "").startswith("AWS4-HMAC-SHA256 "):
-            return _error(HTTPStatus.FORBIDDEN, "ForbiddenException", "Missing Authentication Token")
+        host = headers.get("host", f"{self.host}:{self.management_port}")
+        try:
+            verify(method, f"http://{host}{target}", headers, body, self.credentials, "execute-api")
+        except SignatureRefused as refused:
+            self.refused_signatures += 1
+            return _error(HTTPStatus.FORBIDDEN, refused.error_type, refused.message)
         connection = self.connections.get(path[len(prefix) :])
         if connection is None:
             return _error(HTTPStatus.GONE, "GoneException", None)
@@ -410,9 +444,7 @@ class LocalGateway:
             }
             return HTTPStatus.OK, json.dumps(info).encode(), {}
         if method == "DELETE":
-            task = asyncio.create_task(connection.socket.close(1000, ""))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(connection.socket.close(1000, ""))
             return HTTPStatus.NO_CONTENT, b"", {}
         if method != "POST":
             return _error(HTTPStatus.METHOD_NOT_ALLOWED, "BadRequestException", method)
@@ -441,6 +473,14 @@ def _fragments(text: str) -> list[str]:
         pieces.append(data[start:end].decode())
         start = end
     return pieces
+
+
+def _default_credentials() -> dict[str, str]:
+    known = dict(KNOWN_CREDENTIALS)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        known[key] = secret
+    return known
 
 
 def _refuse(status: HTTPStatus) -> Response:
@@ -484,6 +524,11 @@ def main() -> None:
     )
     parser.add_argument("--authorizer", action="store_true", help="check the token in the Lambda authorizer")
     parser.add_argument(
+        "--concurrent-delivery",
+        action="store_true",
+        help="invoke $default for each message at once, with random delays, as API Gateway may",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=IDLE_TIMEOUT_S, help="seconds (API Gateway: 600)"
     )
     args = parser.parse_args()
@@ -502,6 +547,7 @@ def main() -> None:
             management_port=args.management_port,
             stage=args.stage,
             idle_timeout_s=args.idle_timeout,
+            concurrent_delivery=args.concurrent_delivery,
         )
         async with gateway:
             # The ingress must post exactly here: its CSM_BRIDGE_CALLBACK_URL.

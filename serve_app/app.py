@@ -13,39 +13,61 @@ and a GPU node. Environment overrides, read here and in the replicas:
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from deployments.decoder import AudioDecoder, DecoderConfig
 from deployments.generator import CSMGenerator, GeneratorConfig
-from deployments.recognizer import SpeechRecognizer
+from deployments.recognizer import RecognizerConfig, SpeechRecognizer
 from deployments.responder import Responder
 from deployments.routing import router_config
 from deployments.tokenizer import AudioTokenizer, TokenizerConfig
-from serve_app.ingress import ConversationIngress, IngressConfig
-from speech.reply_text import ResponderConfig
+from serve_app.ingress import ConversationIngress
+from serve_app.ingress_config import IngressConfig
+from speech.reply_config import ResponderConfig
 
 # Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
 GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
 DEPLOYMENTS = ("generator", "decoder", "tokenizer", "recognizer", "responder", "ingress")
 
+Config = TypeVar("Config", bound=BaseModel)
+
 
 class AppArgs(BaseModel):
+    """The YAML's `args`: each deployment's own config, validated here, so a bad field fails `serve run`
+    at once (naming it, e.g. `generator.max_slots`) instead of in a replica's constructor."""
+
     model_config = ConfigDict(extra="forbid")
 
+    # App-wide values for the model deployments, used where their own section leaves the field unset.
     device: str = "cpu"  # "cpu", "cuda" or "auto"; env CSM_DEVICE overrides
-    preset: str = "tiny"  # CSM preset when no weights are given
-    codec_preset: str = "tiny"
-    generator: dict = Field(default_factory=dict)  # deployments.generator.GeneratorConfig
-    decoder: dict = Field(default_factory=dict)  # deployments.decoder.DecoderConfig
-    tokenizer: dict = Field(default_factory=dict)  # deployments.tokenizer.TokenizerConfig
-    recognizer: dict = Field(default_factory=dict)  # SpeechRecognizer arguments (backend, whisper_path)
-    responder: dict = Field(default_factory=dict)  # speech.reply_text.ResponderConfig
-    ingress: dict = Field(default_factory=dict)  # serve_app.ingress.IngressConfig
+    preset: str | None = None  # the generator's preset without weights (None: GeneratorConfig's)
+    codec_preset: str | None = None  # the decoder's and tokenizer's (None: CodecConfig's)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    recognizer: RecognizerConfig = Field(default_factory=RecognizerConfig)
+    responder: ResponderConfig = Field(default_factory=ResponderConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
     # Serve options per deployment (num_replicas, health_check_period_s, ...), by the names below, for
     # programmatic runs; `serve run` takes the same from the YAML's `deployments:` section.
     options: dict[str, dict] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _known_deployments(cls, options: dict[str, dict]) -> dict[str, dict]:
+        unknown = set(options) - set(DEPLOYMENTS)
+        if unknown:
+            raise ValueError(f"unknown deployments {sorted(unknown)}; known: {list(DEPLOYMENTS)}")
+        return options
+
+
+def _inherit(config: Config, **app_wide: str | None) -> Config:
+    """`config` with the app-wide values of the fields it does not set itself (None: no app-wide value)."""
+    unset = {k: v for k, v in app_wide.items() if v is not None and k not in config.model_fields_set}
+    return config.model_copy(update=unset)
 
 
 def _gpu_fractions() -> dict[str, float]:
@@ -64,10 +86,6 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     gpu = device != "cpu" and (device == "cuda" or _cuda_available())
     share = _gpu_fractions() if gpu else dict.fromkeys(GPU_FRACTIONS, 0.0)
 
-    unknown = set(a.options) - set(DEPLOYMENTS)
-    if unknown:
-        raise ValueError(f"options: unknown deployments {sorted(unknown)}; known: {list(DEPLOYMENTS)}")
-
     def on(name: str, **defaults) -> dict:
         options: dict = {}
         if name in share:
@@ -77,24 +95,15 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
             options["logging_config"] = {"enable_access_log": False}
         return {**options, **defaults, **a.options.get(name, {})}
 
-    codec = {"device": device, "preset": a.codec_preset}
-    # Validated here, so a bad config fails `serve run` at once instead of in a replica's constructor.
-    gen_cfg = GeneratorConfig.model_validate({"device": device, "preset": a.preset, **a.generator})
-    dec_cfg = DecoderConfig.model_validate({**codec, **a.decoder})
-    tok_cfg = TokenizerConfig.model_validate({**codec, **a.tokenizer})
-    ResponderConfig.model_validate(a.responder)
-    IngressConfig.model_validate(a.ingress)
-    backend = a.recognizer.get("backend", "pocketsphinx")
-    if backend not in ("pocketsphinx", "whisper"):
-        raise ValueError(f"recognizer.backend must be 'pocketsphinx' or 'whisper', not {backend!r}")
+    gen_cfg = _inherit(a.generator, device=device, preset=a.preset)
+    dec_cfg = _inherit(a.decoder, device=device, preset=a.codec_preset)
+    tok_cfg = _inherit(a.tokenizer, device=device, preset=a.codec_preset)
     # A conversation's replies go to the replica holding its KV cache, while it has a free engine slot.
     routing = router_config(busy_at=gen_cfg.max_slots if isinstance(gen_cfg.max_slots, int) else None)
-    generator = CSMGenerator.options(**on("generator", request_router_config=routing)).bind(
-        gen_cfg.model_dump()
-    )
-    decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg.model_dump())
-    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg.model_dump())
-    recognizer = SpeechRecognizer.options(**on("recognizer")).bind(**a.recognizer)
+    generator = CSMGenerator.options(**on("generator", request_router_config=routing)).bind(gen_cfg)
+    decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg)
+    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg)
+    recognizer = SpeechRecognizer.options(**on("recognizer")).bind(a.recognizer)
     responder = Responder.options(**on("responder")).bind(a.responder)
     ingress = ConversationIngress.options(**on("ingress"))
     return ingress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)

@@ -1,9 +1,13 @@
 """Bridged conversations: the Lambda path, where no WebSocket reaches the ingress.
 
-API Gateway holds the browser's socket; the bridge Lambda posts each client message to the ingress
-(`/bridge/connections/{id}/...`), and the conversation's events go back through an `EventSink`. The
+API Gateway holds the browser's socket; the bridge Lambda calls the ingress for each of its routes
+(`/bridge/connections/{id}`: POST on `$connect`, POST `.../events` per client message on `$default`,
+DELETE on `$disconnect`), and `BridgedConversations` answers them on the replica's `Sessions`, with the
+same lifecycle as a direct socket. The conversation's events go back through an `EventSink`: the
 production sink posts to API Gateway's `@connections` API with boto3; tests may plug in any sink with the
-same two methods.
+same two methods. `close` deletes the API Gateway connection: the ingress calls it when it ends a
+conversation whose browser is still connected (a newer connection took it over), since API Gateway
+keeps an idle socket open for up to 10 minutes otherwise.
 
 `BridgeAccess` is what makes those routes safe to expose to the bridge's network: the bridge presents a
 token of its own (never the users' token), and the `@connections` URL comes from configuration, never
@@ -27,11 +31,16 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fastapi.responses import JSONResponse
+
 from serve_app import protocol as p
+from serve_app.history import check_conversation_id
+from serve_app.sessions import Refused, Session, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,9 @@ class EventSink(Protocol):
         """Deliver one event; False when the connection is gone (the person left)."""
         ...
 
-    async def close(self, connection_id: str) -> None: ...
+    async def close(self, connection_id: str) -> None:
+        """End the connection: the browser's socket closes (and API Gateway runs `$disconnect`)."""
+        ...
 
 
 def split_message(data: str, limit: int = MAX_MESSAGE_BYTES) -> list[str]:
@@ -221,3 +232,114 @@ class ApiGatewaySink:
                 )
                 return False
             time.sleep(pause)
+
+
+# A refused `$connect`'s HTTP status (the Lambda answers the browser's handshake with it).
+_REFUSED_STATUS = {"server_busy": 503, "limit_exceeded": 429, "conversation_not_found": 404}
+
+
+@dataclass(frozen=True)
+class _Bridged:
+    """One API Gateway connection's conversation, and the task that posts its events."""
+
+    session: Session
+    pump: asyncio.Task
+
+
+class BridgedConversations:
+    """The bridge's three calls on this replica's sessions: `connect` opens one (`Sessions.open`), `event`
+    hands it a client message, `disconnect` closes it (`Sessions.close`). A conversation that ends on
+    the server's side (taken over, or its pump failed) closes its API Gateway connection too."""
+
+    def __init__(
+        self, access: BridgeAccess, sessions: Sessions, sink: Callable[[str], EventSink] = ApiGatewaySink
+    ) -> None:
+        self.access, self.sessions, self._sink = access, sessions, sink
+        self.connections: dict[str, _Bridged] = {}
+
+    def refusal(self, authorization: str | None) -> JSONResponse | None:
+        """None for the bridge itself; otherwise the answer (the users' token is not the bridge's)."""
+        try:
+            self.access.check(authorization)
+        except BridgeRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        return None
+
+    async def connect(self, connection_id: str, raw: bytes) -> JSONResponse:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
+        if (known := self.connections.get(connection_id)) is not None:  # a retry of a connect done
+            return JSONResponse({"conversation_id": known.session.id})
+        try:
+            callback = self.access.callback(body.get("callback_url"))
+            requested, principal = _opening(body)
+        except BridgeRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        try:
+            session = await self.sessions.open(principal, requested)
+        except Refused as e:
+            message = "server busy" if e.code == "server_busy" else str(e)
+            return JSONResponse({"error": message}, status_code=_REFUSED_STATUS[e.code])
+        try:
+            # Made after the session opened: its grace for API Gateway's not-yet-connected 410s starts now.
+            sink = self._sink(callback)
+        except BaseException:
+            await self.sessions.close(session)
+            raise
+        pump = asyncio.get_running_loop().create_task(self._pump(connection_id, session, sink))
+        self.connections[connection_id] = _Bridged(session, pump)
+        log.info("bridge %s: conversation %s opened", connection_id, session.id)
+        return JSONResponse({"conversation_id": session.id})
+
+    async def event(self, connection_id: str, raw: bytes) -> JSONResponse:
+        bridged = self.connections.get(connection_id)
+        if bridged is None:
+            return JSONResponse({"error": "unknown connection"}, status_code=404)
+        await bridged.session.receive(raw)
+        return JSONResponse({"conversation_id": bridged.session.id})
+
+    async def disconnect(self, connection_id: str) -> JSONResponse:
+        bridged = self.connections.pop(connection_id, None)
+        if bridged is None:
+            return JSONResponse({"conversation_id": None})
+        await self.sessions.close(bridged.session)
+        await asyncio.gather(bridged.pump, return_exceptions=True)
+        return JSONResponse({"conversation_id": bridged.session.id})
+
+    async def _pump(self, connection_id: str, session: Session, sink: EventSink) -> None:
+        """Post the session's events until it closes (`None`) or the person left (the sink says so)."""
+        gone = False
+        try:
+            while (event := await session.outbox.get()) is not None:
+                if not await sink.send(connection_id, event.to_json()):
+                    log.info("bridge %s: conversation %s: the connection is gone", connection_id, session.id)
+                    gone = True
+                    break
+        except Exception:  # nobody awaits a pump that ends on its own: say why here
+            log.exception("bridge %s: conversation %s: posting its events failed", connection_id, session.id)
+        finally:
+            bridged = self.connections.get(connection_id)
+            ended_here = bridged is not None and bridged.session is session  # not by `$disconnect`
+            if ended_here:
+                del self.connections[connection_id]
+            await self.sessions.close(session)
+            if ended_here and not gone:  # taken over, or the pump failed: the browser is still connected
+                await sink.close(connection_id)
+
+
+def _opening(body: dict) -> tuple[str | None, str]:
+    """(conversation to resume or None, principal) of a connect. The principal is whom the bridge's
+    authorizer admitted; it is taken as given because the bridge's token authenticated the caller, and
+    it is required: it owns the conversation and counts against its limit."""
+    requested = body.get("conversation_id") or None
+    principal = body.get("principal")
+    if not isinstance(principal, str) or not principal:
+        raise BridgeRefused(400, "principal (whom the authorizer admitted) is required")
+    try:
+        return (None if requested is None else check_conversation_id(requested)), principal
+    except ValueError as e:
+        raise BridgeRefused(400, str(e)) from e

@@ -31,8 +31,11 @@ Parsing rules (why: a bad message must cost one ``error`` event, never the conve
   ``session.modalities``, ``session.turn_detection``, ...) are not aliases: the error names the GA
   place instead (``session.audio.output.voice``). Fields of the GA schema that this server does not
   implement (``tools``, ``tracing``, ``noise_reduction``, ...) are accepted and ignored
-  (:data:`Ignored`), so a client that sends the openai package's optional fields still works;
-  ``tests/test_protocol_conformance.py`` checks every model's fields against that package's types.
+  (:data:`Ignored`), so a client that sends the openai package's optional fields still works; in
+  ``response.create``, which asks for one reply, they are refused instead (:data:`Refused`: an
+  ``unsupported_feature`` error naming the field), since a reply without the tools or input asked for
+  would be a silent wrong answer. ``tests/test_protocol_conformance.py`` checks every model's fields
+  against that package's types.
 - The size limit is checked before any JSON is parsed; audio is base64-decoded during validation
   and kept as bytes (``InputAudioBufferAppend.audio``), so nothing is decoded twice.
 - Any bad input raises :class:`ProtocolError` (code, message, param, the client's event_id) and
@@ -82,6 +85,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar, get_args
 import numpy as np
 import pydantic_core
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -95,10 +99,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from csm.sampling import MAX_TOP_K
+from csm.audio import SAMPLE_RATE  # all audio on the wire, both directions, is at Mimi's rate
+from csm.sampling import MAX_TOP_K, TEMPERATURE, TOP_K
+from speech.vad import PREFIX_PADDING_MS, SILENCE_DURATION_MS, THRESHOLD, PaddingMs, SilenceMs, Threshold
 
-SAMPLE_RATE = 24_000
-"""Samples per second of all audio on the wire, both directions (Mimi's rate)."""
 AUDIO_FORMAT = "audio/pcm"
 """The only audio format: signed 16-bit little-endian mono PCM."""
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024
@@ -226,9 +230,9 @@ class ServerVad(_ClientModel):
     """Server-side end-of-turn detection; ``null`` in its place means the client commits turns itself."""
 
     type: Annotated[Literal["server_vad"], _supported("server_vad")] = "server_vad"
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    prefix_padding_ms: int = Field(300, ge=0, le=5_000)
-    silence_duration_ms: int = Field(500, ge=0, le=10_000)
+    threshold: Threshold = THRESHOLD
+    prefix_padding_ms: PaddingMs = PREFIX_PADDING_MS
+    silence_duration_ms: SilenceMs = SILENCE_DURATION_MS
     create_response: bool = True
     interrupt_response: bool = True
     idle_timeout_ms: Ignored
@@ -284,10 +288,10 @@ class AudioConfig(_ClientModel):
 
 
 class Sampling(_ClientModel):
-    """CSM's sampling knobs, our ``x-sampling`` extension (reference defaults: 0.9, top-50)."""
+    """CSM's sampling knobs, our ``x-sampling`` extension (the reference's defaults, `csm.sampling`)."""
 
-    temperature: float = Field(0.9, ge=0.0, le=2.0)
-    top_k: int = Field(50, ge=1, le=MAX_TOP_K)
+    temperature: float = Field(TEMPERATURE, ge=0.0, le=2.0)
+    top_k: int = Field(TOP_K, ge=1, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_reply_seconds: float = Field(30.0, gt=0.0, le=120.0)
 
@@ -491,22 +495,55 @@ class ResponseAudio(_ClientModel):
     output: ResponseAudioOutput | None = None
 
 
+def _metadata(value: dict[str, str]) -> dict[str, str]:
+    # OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
+    if len(value) > 16:
+        raise _error("invalid_event", f"metadata holds at most 16 pairs, got {len(value)}")
+    for key, text in value.items():
+        if len(key) > 64 or len(text) > 512:
+            raise _error(
+                "invalid_event", f"metadata {key[:64]!r}: keys up to 64 characters, values up to 512"
+            )
+    return value
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_metadata)]
+
+
+def _refused(value: object) -> None:
+    if value is None:
+        return None
+    raise _error("unsupported_feature", "not supported by this server; leave it out")
+
+
+# A GA field of ``response.create`` this server does not do: any value but null is an ``unsupported_feature``
+# error naming it (``param: "response.tools"``), rather than a reply made without it (even ``input: []``
+# asks for something: an empty context).
+Refused = Annotated[Any, PlainValidator(_refused), Field(None, exclude=True)]
+
+
 class ResponseParams(_ClientModel):
-    """Per-response overrides in ``response.create``; unset fields use the session's values."""
+    """Per-response overrides in ``response.create``; unset fields use the session's values.
+
+    ``audio.output.voice`` speaks this reply in another voice; ``metadata`` is echoed on the response;
+    ``max_output_tokens`` (here and in the session) caps the reply's audio frames, one token a frame (80 ms),
+    under ``x-sampling.max_reply_seconds``; ``conversation`` is only ``auto``, ``output_modalities`` only
+    ``["audio"]``. Tools, prompts, reasoning and out-of-band input are refused (:data:`Refused`).
+    """
 
     instructions: str | None = None
     conversation: Annotated[Literal["auto"], _supported("auto")] | None = None
     output_modalities: list[OutputModality] | None = Field(None, min_length=1)
     max_output_tokens: MaxOutputTokens | None = None
     audio: ResponseAudio | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     x_sampling: Sampling | None = Field(None, alias="x-sampling")
-    input: Ignored
-    parallel_tool_calls: Ignored
-    prompt: Ignored
-    reasoning: Ignored
-    tool_choice: Ignored
-    tools: Ignored
+    input: Refused
+    parallel_tool_calls: Refused
+    prompt: Refused
+    reasoning: Refused
+    tool_choice: Refused
+    tools: Refused
 
 
 class ResponseCreate(_ClientEvent):
@@ -797,6 +834,34 @@ class ResponseDone(ServerEvent):
     response: RealtimeResponse
 
 
+def item_created(item: Item, previous_item_id: str | None, *between: ServerEvent) -> list[ServerEvent]:
+    """A conversation item the server adds (a typed message, the person's turn): ``conversation.item.added``,
+    what comes between (the turn's transcript), ``conversation.item.done``."""
+    added = ConversationItemAdded(item=item, previous_item_id=previous_item_id)
+    return [added, *between, ConversationItemDone(item=item, previous_item_id=previous_item_id)]
+
+
+def output_started(response_id: str, item: Item) -> list[ServerEvent]:
+    """A reply's item and its one audio content part, opened before the first delta."""
+    return [
+        ResponseOutputItemAdded(response_id=response_id, item=item),
+        ResponseContentPartAdded(response_id=response_id, item_id=item.id),
+    ]
+
+
+def output_done(response_id: str, item: Item, transcript: str) -> list[ServerEvent]:
+    """What `output_started` opened, closed in reverse order (the audio, its transcript, the part, the item);
+    `response.done` follows."""
+    return [
+        ResponseOutputAudioDone(response_id=response_id, item_id=item.id),
+        ResponseOutputAudioTranscriptDone(response_id=response_id, item_id=item.id, transcript=transcript),
+        ResponseContentPartDone(
+            response_id=response_id, item_id=item.id, part=AudioPart(transcript=transcript)
+        ),
+        ResponseOutputItemDone(response_id=response_id, item=item),
+    ]
+
+
 class ErrorDetail(_ServerModel):
     type: Literal["invalid_request_error", "server_error"]
     code: ErrorCode
@@ -1054,7 +1119,10 @@ __all__ = [
     "decode_pcm16",
     "encode_pcm16",
     "error_event",
+    "item_created",
     "merge_update",
     "new_id",
+    "output_done",
+    "output_started",
     "parse_client_event",
 ]

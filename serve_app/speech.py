@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from csm.codec import FRAME_SIZE
+from csm.audio import FRAME_SIZE
 from csm.codec_streaming import RECOVERY_FRAMES
 from csm.presets import ModelArgs
 from csm.requests import Frames, PromptUse, SpeechRequest

@@ -26,12 +26,13 @@ import numpy as np
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from csm.audio import FRAME_MS
 from csm.engine import EngineFull
 from csm.prompt import Segment
 from csm.requests import SpeechRequest
-from serve_app.conversation import ASSISTANT, FRAME_MS, frames_for
 from serve_app.history import sentence_parts
 from serve_app.protocol import Sampling
+from serve_app.reply import ASSISTANT, frames_for
 from serve_app.services import ReplyAudio
 from serve_app.voices import NO_VOICE, Voice, VoiceLibrary
 from speech.audio_formats import FORMATS, AudioFormat, encoder

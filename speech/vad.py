@@ -16,7 +16,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,20 @@ from speech.pcm import PAD_IN, SPEECH_SAMPLE_RATE, check_pcm, resample_block
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VAD_SAMPLE_RATE", "SileroVad", "TurnDetector", "VadConfig", "VadEvent", "load_vad_model"]
+__all__ = [
+    "PREFIX_PADDING_MS",
+    "SILENCE_DURATION_MS",
+    "THRESHOLD",
+    "VAD_SAMPLE_RATE",
+    "PaddingMs",
+    "SilenceMs",
+    "SileroVad",
+    "Threshold",
+    "TurnDetector",
+    "VadConfig",
+    "VadEvent",
+    "load_vad_model",
+]
 
 VAD_SAMPLE_RATE = SPEECH_SAMPLE_RATE
 _WINDOW = 512  # samples at 16 kHz that silero scores at once: 32 ms
@@ -37,14 +50,24 @@ _WINDOW_IN = _WINDOW * SAMPLE_RATE // VAD_SAMPLE_RATE  # the same 32 ms at 24 kH
 _SEGMENT_IN = PAD_IN + _WINDOW_IN + PAD_IN  # a window with its resampling context (see speech.pcm)
 
 
+# The one home of turn detection's defaults and bounds, OpenAI's `server_vad` ones: the realtime protocol's
+# `ServerVad` takes them from here, so whatever a client may set, a `VadConfig` accepts as it is.
+THRESHOLD = 0.5
+PREFIX_PADDING_MS = 300
+SILENCE_DURATION_MS = 500
+Threshold = Annotated[float, Field(ge=0.0, le=1.0)]  # speech probability that counts as speech
+PaddingMs = Annotated[int, Field(ge=0, le=5_000)]  # audio the caller keeps before speech starts
+SilenceMs = Annotated[int, Field(ge=0, le=10_000)]  # silence that ends a turn
+
+
 class VadConfig(BaseModel):
     """Turn detection settings, with the meaning of the OpenAI Realtime API's `server_vad`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="speech probability that counts as speech")
-    prefix_padding_ms: int = Field(300, ge=0, description="audio the caller keeps before speech starts")
-    silence_duration_ms: int = Field(500, ge=0, description="silence that ends a turn")
+    threshold: Threshold = THRESHOLD
+    prefix_padding_ms: PaddingMs = PREFIX_PADDING_MS
+    silence_duration_ms: SilenceMs = SILENCE_DURATION_MS
 
     @property
     def negative_threshold(self) -> float:

@@ -94,7 +94,8 @@ class Client:
 
 def expected_frames(transcript: str, limit_s: float = 6.0) -> int:
     """Random weights never emit EOS, so a one-sentence reply lasts exactly the frames allowed for it."""
-    from serve_app.conversation import FRAME_MS, frames_for
+    from csm.audio import FRAME_MS
+    from serve_app.reply import frames_for
 
     return min(frames_for(transcript), int(limit_s * 1000 / FRAME_MS))
 

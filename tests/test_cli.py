@@ -22,7 +22,7 @@ def demo(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
 
 def test_demo_without_weights_says_so_and_reports_speed():
     out = demo("--preset", "tiny", "--streams", "3", "--frames", "5")
-    assert "NO WEIGHTS GIVEN" in out.stderr
+    assert "RANDOM WEIGHTS" in out.stderr
     assert len(re.findall(r"stream \d: 5 frames", out.stdout)) == 3
     total = re.search(r"total: 15 frames in [\d.]+ s = ([\d.]+) frames/s", out.stdout)
     assert total and float(total.group(1)) > 0
@@ -33,7 +33,7 @@ def test_demo_loads_a_transformers_checkpoint_with_its_tokenizer(hf_tiny_dir, tm
     shutil.copytree(hf_tiny_dir, path)
     write_llama3_tokenizer(path)
     out = demo("--model-path", str(path))
-    assert "NO WEIGHTS GIVEN" not in out.stderr
+    assert "RANDOM WEIGHTS" not in out.stderr
     assert f"model: {path} (hf)" in out.stdout
     assert "total: 8 frames" in out.stdout
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from csm.audio import FRAME_MS
 from serve_app import protocol as p
-from serve_app.conversation import FRAME_MS, Conversation, Limits, Shared
+from serve_app.conversation import Conversation, Limits, Shared
 from serve_app.history import HistoryStore
 from serve_app.local_services import LocalServices
 from serve_app.speech import InputStream, ReplyStream
@@ -210,3 +211,28 @@ async def test_response_cancel(session):
     assert (await session.until("error"))[-1]["error"]["code"] == "no_active_response"
     await session.say_text("again")
     assert (await session.until("response.done"))[-1]["response"]["status"] == "completed"
+
+
+async def test_response_create_parameters_are_honoured(session):
+    """A reply's own voice, metadata and output cap (one token a frame); an unknown voice is refused."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}
+    await session.send("conversation.item.create", item=item)
+    await session.send("response.create", response={"audio": {"output": {"voice": "nobody"}}})
+    error = (await session.until("error"))[-1]["error"]
+    assert (error["code"], error["param"]) == ("invalid_event", "response.audio.output.voice")
+    assert session.conversation.reply is None
+    await session.send(
+        "response.create",
+        response={
+            "metadata": {"turn": "1"},
+            "max_output_tokens": 5,
+            "audio": {"output": {"voice": "default"}},
+        },
+    )
+    events = await session.until("response.done")
+    created = of_type(events, "response.created")[0]["response"]
+    done = of_type(events, "response.done")[0]["response"]
+    for response in (created, done):
+        assert response["metadata"] == {"turn": "1"} and response["max_output_tokens"] == 5
+    assert done["status"] == "completed" and audio_samples(events) == 5 * FRAME
+    assert session.conversation.history[-1].frames == 5

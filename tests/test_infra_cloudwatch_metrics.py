@@ -1,6 +1,7 @@
 """The load publisher the GPU worker service scales on (serve_app/cloudwatch_metrics.py), against
 Prometheus pages shaped like Ray's and served from this machine. The whole publisher against a real
-Ray cluster runs in test_docker_entrypoints.py."""
+Ray cluster runs in test_docker_entrypoints.py; its real `put_metric_data` call goes to a local CloudWatch
+stand-in (devtools/cloudwatch.py) here."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import boto3
 import pytest
 
+from devtools.cloudwatch import LocalCloudWatch
 from serve_app import cloudwatch_metrics as cw
 
 NODE_WITH_GPU = """\
@@ -122,3 +125,39 @@ def test_a_failed_put_is_reported_not_raised(tmp_path):
     sent: list[list[dict]] = []
     assert cw.publish_once(tmp_path / "missing.json", "csm-voice", sent.append)  # no file yet: zero nodes
     assert {d["MetricName"]: d["Value"] for d in sent[0]}["Nodes"] == 0.0
+
+
+def test_the_real_put_metric_data_call_reaches_a_cloudwatch_stand_in(
+    tmp_path, ray_metrics_servers, monkeypatch
+):
+    """`cloudwatch_sink`'s own boto3 client, pointed at the stand-in the way boto3 allows
+    (`AWS_ENDPOINT_URL_CLOUDWATCH`): the call is signed, encoded and answered as CloudWatch's would be."""
+    discovery = tmp_path / "prom_metrics_service_discovery.json"
+    discovery.write_text(json.dumps([{"targets": ray_metrics_servers}]))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDHEAD")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    with LocalCloudWatch({"AKIDHEAD": "head-secret"}) as stand_in:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH", stand_in.url)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "head-secret")
+        assert cw.publish_once(discovery, "csm-voice", cw.cloudwatch_sink("CSM/Voice"))
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the credentials it first read
+        assert not cw.publish_once(
+            discovery, "csm-voice", cw.cloudwatch_sink("CSM/Voice")
+        )  # logged, not raised
+    (call,) = stand_in.calls
+    assert stand_in.refused == ["InvalidSignatureException"]
+    assert call.operation == "PutMetricData" and call.access_key == "AKIDHEAD"
+    assert call.params["Namespace"] == "CSM/Voice"
+    sent = {d["MetricName"]: d for d in call.params["MetricData"]}
+    assert {name: d["Value"] for name, d in sent.items()} == {
+        "OngoingRequests": 14.0,
+        "OngoingRequestsPerNode": 7.0,
+        "QueuedRequests": 3.0,
+        "Conversations": 7.0,
+        "Nodes": 2.0,
+        "GpuUtilization": 60.0,
+    }
+    assert sent["GpuUtilization"]["Unit"] == "Percent"
+    assert sent["Nodes"]["Dimensions"] == [{"Name": "ClusterName", "Value": "csm-voice"}]

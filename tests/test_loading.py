@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from csm.checkpoint import load_checkpoint, resolve_path
 from csm.loading import detect_format, load_model, parse_dtype, random_model
 from csm.presets import preset
 from csm.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
-from tests.checkpoints import write_llama3_tokenizer
+from tests.checkpoints import write_llama3_tokenizer, write_sesame
 
 
 @pytest.fixture
@@ -100,3 +101,46 @@ def test_llama3_tokenizer_wraps_bos_and_eos(tmp_path):
     assert isinstance(load_tokenizer(None), ByteTokenizer)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
+
+
+# ---- which checkpoint runs (csm.checkpoint: the CLI, the deployments and the local services) -----------
+
+
+@pytest.fixture
+def no_weight_env(monkeypatch):
+    for name in ("MODEL_PATH", "TOKENIZER_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_path_given_wins_over_the_environment_and_must_exist(no_weight_env, tmp_path):
+    assert resolve_path(None, "MODEL_PATH") is None
+    no_weight_env.setenv("MODEL_PATH", str(tmp_path))
+    assert resolve_path(None, "MODEL_PATH") == str(tmp_path)
+    (tmp_path / "given").mkdir()
+    assert resolve_path(str(tmp_path / "given"), "MODEL_PATH") == str(tmp_path / "given")
+    no_weight_env.setenv("MODEL_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"MODEL_PATH=.*nowhere: no such file"):
+        load_checkpoint(None, None, "tiny", torch.float32, "cpu")
+
+
+def test_nothing_given_runs_the_random_preset_and_says_so(no_weight_env, caplog):
+    loaded, tokenizer = load_checkpoint(None, None, "tiny", torch.float32, "cpu")
+    assert (loaded.format, loaded.source) == ("random", "random tiny")
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert "RANDOM WEIGHTS" in caplog.text
+
+
+def test_the_tokenizer_comes_with_hf_weights_and_from_tokenizer_path_for_sesame(
+    no_weight_env, hf_copy, tmp_path
+):
+    write_llama3_tokenizer(hf_copy)
+    loaded, tokenizer = load_checkpoint(str(hf_copy), None, "tiny", torch.float32, "cpu")
+    assert loaded.format == "hf" and isinstance(tokenizer, Llama3Tokenizer)
+    sesame = write_sesame(loaded.model, tmp_path / "sesame", "tiny-backbone", "tiny-decoder")
+    no_weight_env.setenv("MODEL_PATH", str(sesame))
+    with pytest.raises(ValueError, match="Sesame-format checkpoint: it needs TOKENIZER_PATH"):
+        load_checkpoint(None, None, "tiny", torch.float32, "cpu")
+    no_weight_env.setenv("TOKENIZER_PATH", str(hf_copy))
+    loaded, tokenizer = load_checkpoint(None, None, "tiny", torch.float32, "cpu")
+    assert loaded.format == "sesame" and isinstance(tokenizer, Llama3Tokenizer)

@@ -70,6 +70,7 @@ from openai.types.realtime.response_create_event_with_references_param import (
 from pydantic import ValidationError
 
 from serve_app import protocol as p
+from speech.vad import VadConfig
 
 PCM = np.array([0, 1, -1, 32767, -32768, 1234], dtype=np.int16)
 PCM_B64 = base64.b64encode(PCM.astype("<i2").tobytes()).decode()
@@ -782,6 +783,55 @@ BAD: list[tuple[Any, str, str, str | None]] = [
         "response.x-sampling.top_k",
     ),
     ({"type": "response.cancel", "response_id": ["r"]}, "invalid_event", "valid string", "response_id"),
+    # GA fields of response.create this server does not do: refused by name, never silently dropped.
+    (
+        {"type": "response.create", "response": {"tools": [{"type": "function", "name": "f"}]}},
+        "unsupported_feature",
+        "not supported",
+        "response.tools",
+    ),
+    (
+        {"type": "response.create", "response": {"tool_choice": "auto"}},
+        "unsupported_feature",
+        "not supported",
+        "response.tool_choice",
+    ),
+    (
+        {"type": "response.create", "response": {"input": []}},
+        "unsupported_feature",
+        "not supported",
+        "response.input",
+    ),
+    (
+        {"type": "response.create", "response": {"prompt": {"id": "p"}}},
+        "unsupported_feature",
+        "not supported",
+        "response.prompt",
+    ),
+    (
+        {"type": "response.create", "response": {"reasoning": {}}},
+        "unsupported_feature",
+        "not supported",
+        "response.reasoning",
+    ),
+    (
+        {"type": "response.create", "response": {"parallel_tool_calls": True}},
+        "unsupported_feature",
+        "not supported",
+        "response.parallel_tool_calls",
+    ),
+    (
+        {"type": "response.create", "response": {"metadata": {str(i): "v" for i in range(17)}}},
+        "invalid_event",
+        "16 pairs",
+        "response.metadata",
+    ),
+    (
+        {"type": "response.create", "response": {"metadata": {"k": "v" * 513}}},
+        "invalid_event",
+        "values up to 512",
+        "response.metadata",
+    ),
 ]
 
 
@@ -1121,3 +1171,67 @@ async def test_official_openai_client_end_to_end() -> None:
         "input_audio_buffer.clear",
     ]
     assert np.array_equal(seen["events"][1].samples, PCM)
+
+
+def test_response_params_that_are_done_here_parse() -> None:
+    """What `response.create` may ask of one reply, and the server honours (tests/test_conversation_local)."""
+    create = parse(
+        {
+            "type": "response.create",
+            "response": {
+                "audio": {"output": {"voice": "narrator", "format": {"type": "audio/pcm", "rate": 24000}}},
+                "metadata": {"turn": "3"},
+                "max_output_tokens": 5,
+                "conversation": "auto",
+                "output_modalities": ["audio"],
+                "tools": None,
+            },
+        }
+    )
+    assert isinstance(create, p.ResponseCreate) and create.response is not None
+    assert create.response.audio.output.voice == "narrator"
+    assert (create.response.metadata, create.response.max_output_tokens) == ({"turn": "3"}, 5)
+
+
+def test_turn_detection_defaults_and_bounds_have_one_home() -> None:
+    """The protocol's server_vad and the detector's config agree: whatever a client may set is a config."""
+    assert p.ServerVad().model_dump(include=set(VadConfig.model_fields)) == VadConfig().model_dump()
+    for edge in (
+        {"threshold": 0.0},
+        {"threshold": 1.0},
+        {"prefix_padding_ms": 5_000},
+        {"silence_duration_ms": 0},
+    ):
+        vad = p.ServerVad(**edge)
+        assert VadConfig(**vad.model_dump(include=set(VadConfig.model_fields))) == VadConfig(**edge)
+    for over in ({"threshold": 1.01}, {"prefix_padding_ms": 5_001}, {"silence_duration_ms": 10_001}):
+        with pytest.raises(ValueError):
+            p.ServerVad(**over)
+        with pytest.raises(ValueError):
+            VadConfig(**over)
+
+
+def test_the_added_and_done_sequences() -> None:
+    item = p.Item(role="assistant", status="in_progress", content=[p.OutputAudio()])
+    started = [e.type for e in p.output_started("resp_1", item)]
+    assert started == ["response.output_item.added", "response.content_part.added"]
+    done = p.output_done("resp_1", item, "Hello.")
+    assert [e.type for e in done] == [
+        "response.output_audio.done",
+        "response.output_audio_transcript.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert {getattr(e, "item_id", None) or e.item.id for e in done} == {item.id}
+    assert done[1].transcript == done[2].part.transcript == "Hello."
+    user = p.Item(role="user", content=[p.InputAudio(transcript="hi")])
+    between = p.ConversationItemInputAudioTranscriptionCompleted(
+        item_id=user.id, transcript="hi", usage=p.TranscriptionUsage(seconds=1.0)
+    )
+    events = p.item_created(user, "item_0", between)
+    assert [e.type for e in events] == [
+        "conversation.item.added",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.done",
+    ]
+    assert events[0].previous_item_id == events[2].previous_item_id == "item_0"

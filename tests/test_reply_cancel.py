@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 
 from serve_app import protocol as p
-from serve_app.conversation import _Reply
+from serve_app.reply import Observer, Reply
+from serve_app.services import Services
 
 
-async def _reply_with_slow_cleanup(log: list[str]) -> _Reply:
-    reply = _Reply(p.RealtimeResponse(conversation_id="conv_test"))
+async def _reply_with_slow_cleanup(log: list[str]) -> Reply:
+    response = p.RealtimeResponse(conversation_id="conv_test")
+    # The task below stands in for `Reply.run`: only stopping is under test, so no services are needed.
+    services: Services = None  # type: ignore[assignment]
+    reply = Reply(response, p.Sampling(), 100, services, send=lambda event: None, observe=Observer())
 
     async def respond() -> None:
         try:
@@ -41,7 +45,7 @@ def test_a_second_stop_during_cleanup_does_not_cut_it_short():
 
 
 def test_stop_on_a_finished_reply_does_nothing():
-    async def scenario() -> _Reply:
+    async def scenario() -> Reply:
         reply = await _reply_with_slow_cleanup([])
         reply.stop()
         await asyncio.gather(reply.task, return_exceptions=True)

@@ -22,17 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.responder import Responder
-from speech.reply_text import (
-    BedrockBackend,
-    ChatTurn,
-    EchoBackend,
-    OpenAIBackend,
-    ReplyWriter,
-    ResponderConfig,
-    ResponderError,
-    make_backend,
-    split_sentences,
-)
+from speech.reply_backends import BedrockBackend, EchoBackend, OpenAIBackend, make_backend
+from speech.reply_config import ChatTurn, ResponderConfig, ResponderError
+from speech.reply_text import ReplyWriter, split_sentences
 
 # The OpenAI-compatible server streams this reply in pieces cut at awkward places.
 REPLY_PIECES = ["Hel", "lo there", ". It is 3", ".5 degrees, e", ".g. mild", " with Mr", ". Smith", "!\nBye"]
@@ -551,7 +543,7 @@ def test_responder_error_pickles_with_its_code() -> None:
 
 
 async def test_deployment_responds_and_reconfigures_live(server: FakeServer) -> None:
-    responder = Responder.func_or_class({"max_tokens": 64})
+    responder = Responder.func_or_class(ResponderConfig(max_tokens=64))
     history = [{"role": "user", "text": "good morning"}]
     assert [s async for s in responder.respond(INSTRUCTIONS, history)] == ["You said: good morning."]
 

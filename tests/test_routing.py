@@ -22,7 +22,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from csm.prompt import Segment
-from deployments.generator import CSMGenerator, PromptUse, SpeechRequest
+from deployments.generator import CSMGenerator, GeneratorConfig, PromptUse, SpeechRequest
 from deployments.routing import ConversationRouter, conversation_of, router_config
 
 DEPLOYMENT = DeploymentID(name="CSMGenerator", app_name="routing")
@@ -175,7 +175,7 @@ def generator(serve_app):
         "health_check_period_s": 1,
         "health_check_timeout_s": 5,
     }
-    config = {"device": "cpu", "preset": "tiny", "max_slots": SLOTS, "torch_threads": 1}
+    config = GeneratorConfig(device="cpu", preset="tiny", max_slots=SLOTS, torch_threads=1)
     serve.run(
         CSMGenerator.options(func_or_class=_Generator, **options).bind(config), name=APP, route_prefix=None
     )

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from csm.engine import EngineFull
-from serve_app.conversation import frames_for
+from serve_app.reply import frames_for
 from serve_app.speech_api import SpeechApi, SpeechConfig
 from serve_app.voices import VoiceLibrary
 from tests.conftest import APP_TOKEN, second_ingress

@@ -1,5 +1,5 @@
 import { useEffect, useRef } from "react";
-import type { Failure } from "../lib/realtimeClient";
+import type { Failure } from "../lib/viewState";
 
 interface Props {
   failure: Failure;

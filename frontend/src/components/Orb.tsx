@@ -1,5 +1,5 @@
 import { useCallback, useRef } from "react";
-import type { Phase } from "../lib/realtimeClient";
+import type { Phase } from "../lib/viewState";
 import { levelOf, useAnalyserLoop } from "./useAnalyser";
 
 interface OrbProps {

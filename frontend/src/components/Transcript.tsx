@@ -1,5 +1,5 @@
 import { useEffect, useRef } from "react";
-import type { TranscriptEntry } from "../lib/realtimeClient";
+import type { TranscriptEntry } from "../lib/viewState";
 
 const STATUS_NOTE: Partial<Record<TranscriptEntry["status"], string>> = {
   interrupted: "interrupted",

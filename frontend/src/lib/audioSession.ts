@@ -19,7 +19,7 @@ import {
   type PlaybackEvent,
 } from "../worklets/messages";
 import type { ItemProgress, JitterStats } from "./jitterBuffer";
-import type { Player } from "./realtimeClient";
+import type { Player } from "./turnTracker";
 
 export interface PlaybackListener {
   /** The microphone stopped delivering audio (unplugged, revoked). */

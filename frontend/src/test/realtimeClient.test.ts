@@ -1,89 +1,6 @@
 import { beforeEach, describe, expect, it } from "vitest";
-import { pcm16ToBase64 } from "../lib/pcm";
-import { type ClientOptions, type Player, RealtimeClient, type SocketLike } from "../lib/realtimeClient";
-
-// ---- fakes: a socket the test drives, a clock and timers it controls, a player that records -------------
-
-class FakeSocket implements SocketLike {
-  readyState = 0;
-  bufferedAmount = 0;
-  sent: Record<string, unknown>[] = [];
-  closedWith: { code?: number; reason?: string } | null = null;
-  onopen: ((ev: Event) => unknown) | null = null;
-  onmessage: ((ev: MessageEvent) => unknown) | null = null;
-  onclose: ((ev: CloseEvent) => unknown) | null = null;
-  onerror: ((ev: Event) => unknown) | null = null;
-  constructor(readonly url: string) {}
-  send(data: string): void {
-    this.sent.push(JSON.parse(data));
-  }
-  close(code?: number, reason?: string): void {
-    this.closedWith = { code, reason };
-    this.readyState = 3;
-  }
-  // The server's side:
-  open(): void {
-    this.readyState = 1;
-    this.onopen?.(new Event("open"));
-  }
-  receive(event: Record<string, unknown>): void {
-    this.onmessage?.({ data: JSON.stringify(event) } as MessageEvent);
-  }
-  drop(code: number, reason = ""): void {
-    this.readyState = 3;
-    this.onclose?.({ code, reason } as CloseEvent);
-  }
-  types(): string[] {
-    return this.sent.map((e) => e.type as string);
-  }
-}
-
-class Clock {
-  now = 0;
-  private timers: { at: number; fn: () => void; id: number }[] = [];
-  private seq = 0;
-  setTimeout = (fn: () => void, ms: number): number => {
-    this.timers.push({ at: this.now + ms, fn, id: ++this.seq });
-    return this.seq;
-  };
-  clearTimeout = (id: unknown): void => {
-    this.timers = this.timers.filter((t) => t.id !== id);
-  };
-  advance(ms: number): void {
-    const end = this.now + ms;
-    for (;;) {
-      const next = this.timers.filter((t) => t.at <= end).sort((a, b) => a.at - b.at)[0];
-      if (!next) break;
-      this.timers = this.timers.filter((t) => t !== next);
-      this.now = next.at;
-      next.fn();
-    }
-    this.now = end;
-  }
-  get pending(): number {
-    return this.timers.length;
-  }
-}
-
-class FakePlayer implements Player {
-  pushed: { itemId: string; samples: number }[] = [];
-  ended: string[] = [];
-  flushes = 0;
-  flushResult: Record<string, number> = {};
-  push(itemId: string, pcm: Int16Array): void {
-    this.pushed.push({ itemId, samples: pcm.length });
-  }
-  end(itemId: string): void {
-    this.ended.push(itemId);
-  }
-  flush(): Promise<Record<string, number>> {
-    this.flushes++;
-    return Promise.resolve({ ...this.flushResult });
-  }
-}
-
-const settle = () => new Promise((resolve) => setTimeout(resolve, 0));
-const audio = (samples: number) => pcm16ToBase64(new Int16Array(samples).fill(100));
+import { type ClientOptions, RealtimeClient } from "../lib/realtimeClient";
+import { audio, Clock, FakePlayer, type FakeSocket, fakeEndpoint, settle } from "./fakes";
 
 let sockets: FakeSocket[];
 let clock: Clock;
@@ -92,16 +9,8 @@ let player: FakePlayer;
 function makeClient(options: Partial<ClientOptions> = {}): RealtimeClient {
   let ids = 0;
   const client = new RealtimeClient({
-    endpoint: "ws://127.0.0.1:9999/v1/realtime",
-    token: "s3cret",
-    createSocket: (url) => {
-      const s = new FakeSocket(url);
-      sockets.push(s);
-      return s;
-    },
-    timers: clock,
+    ...fakeEndpoint(sockets, clock),
     now: () => clock.now,
-    random: () => 0.5, // no jitter: delays are exactly base × 2^n
     newId: (prefix) => `${prefix}_${++ids}`,
     ...options,
   });
@@ -140,6 +49,22 @@ function finishReply(s: FakeSocket, status = "completed", ids = { reply: "item_r
   s.receive({ type: "response.output_audio.done", response_id: ids.response, item_id: ids.reply });
   s.receive({ type: "response.output_audio_transcript.done", response_id: ids.response, item_id: ids.reply, transcript: "You said: hello there." });
   s.receive({ type: "response.done", response: { id: ids.response, status } });
+}
+
+/** A reply of `deltas` deltas whose playback has started, still generating or (`finished`) done. */
+function replyPlaying(deltas: number, finished = false): { client: RealtimeClient; s: FakeSocket } {
+  const client = makeClient();
+  const s = connect(client);
+  turnAndReply(s, deltas);
+  if (finished) finishReply(s);
+  client.playbackStarted("item_r");
+  return { client, s };
+}
+
+/** The person starts speaking again (a second turn), and the client's reaction settles. */
+async function bargeIn(s: FakeSocket): Promise<void> {
+  s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
+  await settle();
 }
 
 beforeEach(() => {
@@ -188,18 +113,6 @@ describe("RealtimeClient: session", () => {
     expect(client.getSnapshot().voice).toBeNull();
   });
 
-  it("sends microphone audio as base64 appends once ready, keeping up to 1 s spoken while connecting", () => {
-    const client = makeClient();
-    client.start();
-    for (let k = 0; k < 30; k++) client.appendAudio(new Int16Array(960).fill(k));
-    last().open();
-    last().receive({ type: "session.created", session: {} });
-    const appends = last().sent.filter((e) => e.type === "input_audio_buffer.append");
-    expect(appends).toHaveLength(25);
-    expect(appends[0].audio).toBe(pcm16ToBase64(new Int16Array(960).fill(5)));
-    client.appendAudio(new Int16Array(960));
-    expect(last().sent.filter((e) => e.type === "input_audio_buffer.append")).toHaveLength(26);
-  });
 });
 
 describe("RealtimeClient: a turn", () => {
@@ -230,22 +143,6 @@ describe("RealtimeClient: a turn", () => {
     client.playbackDrained();
     expect(client.phase).toBe("listening");
     expect(client.getSnapshot().transcript[1].status).toBe("done");
-  });
-
-  it("shows the words heard while the person speaks, then the final transcript", () => {
-    const client = makeClient();
-    const s = connect(client);
-    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u", audio_start_ms: 0 });
-    const delta = (text: string) => s.receive({ type: "conversation.item.input_audio_transcription.delta", item_id: "item_u", delta: text });
-    delta("what is");
-    expect(client.getSnapshot().transcript).toEqual([{ id: "item_u", role: "user", text: "what is", status: "pending" }]);
-    delta(" the weather");
-    expect(client.getSnapshot().transcript[0].text).toBe("what is the weather");
-    s.receive({ type: "input_audio_buffer.speech_stopped", item_id: "item_u", audio_end_ms: 1500 });
-    s.receive({ type: "conversation.item.input_audio_transcription.completed", item_id: "item_u", transcript: "what is the weather like" });
-    expect(client.getSnapshot().transcript[0]).toMatchObject({ text: "what is the weather like", status: "done" });
-    delta(" late"); // a delta after the final transcript changes nothing
-    expect(client.getSnapshot().transcript[0].text).toBe("what is the weather like");
   });
 
   it("shows the person speaking while the server hears speech", () => {
@@ -339,27 +236,17 @@ describe("RealtimeClient: barge-in and truncation", () => {
   });
 
   it("also truncates a reply that finished generating but is still playing", async () => {
-    const client = makeClient();
-    const s = connect(client);
-    turnAndReply(s, 10);
-    finishReply(s);
-    client.playbackStarted("item_r");
+    const { s } = replyPlaying(10, true);
     player.flushResult = { item_r: 24_000 };
-    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
-    await settle();
+    await bargeIn(s);
     expect(s.sent.at(-1)).toEqual({ type: "conversation.item.truncate", item_id: "item_r", content_index: 0, audio_end_ms: 1000 });
   });
 
   it("does not truncate a reply that was played to its end", async () => {
-    const client = makeClient();
-    const s = connect(client);
-    turnAndReply(s, 2);
-    finishReply(s);
-    client.playbackStarted("item_r");
+    const { client, s } = replyPlaying(2, true);
     client.playbackFinished("item_r");
     client.playbackDrained();
-    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
-    await settle();
+    await bargeIn(s);
     expect(player.flushes).toBe(0);
     expect(s.types()).not.toContain("conversation.item.truncate");
   });
@@ -368,18 +255,14 @@ describe("RealtimeClient: barge-in and truncation", () => {
     const client = makeClient();
     const s = connect(client);
     turnAndReply(s, 0);
-    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
-    await settle();
+    await bargeIn(s);
     expect(s.types()).not.toContain("conversation.item.truncate");
     s.receive({ type: "response.output_audio.delta", response_id: "resp_1", item_id: "item_r", delta: audio(1920) });
     expect(player.pushed).toEqual([]);
   });
 
   it("typing during a reply cancels it, truncates it, and asks for the new reply once the old one is done", async () => {
-    const client = makeClient();
-    const s = connect(client);
-    turnAndReply(s, 20);
-    client.playbackStarted("item_r");
+    const { client, s } = replyPlaying(20);
     player.flushResult = { item_r: 12_000 };
     await client.sendText("stop, tell me something else");
     expect(s.types().slice(-3)).toEqual(["response.cancel", "conversation.item.truncate", "conversation.item.create"]);
@@ -392,10 +275,7 @@ describe("RealtimeClient: barge-in and truncation", () => {
   });
 
   it("ending the call mid-reply cancels, truncates, then closes normally without reconnecting", async () => {
-    const client = makeClient();
-    const s = connect(client);
-    turnAndReply(s, 20);
-    client.playbackStarted("item_r");
+    const { client, s } = replyPlaying(20);
     player.flushResult = { item_r: 4800 };
     await client.stop();
     expect(s.types().slice(-2)).toEqual(["response.cancel", "conversation.item.truncate"]);
@@ -407,120 +287,28 @@ describe("RealtimeClient: barge-in and truncation", () => {
     expect(sockets).toHaveLength(1);
   });
 
-  it("uses the last progress report when the player does not answer in time", async () => {
-    const client = makeClient({ flushTimeoutMs: 100 });
-    const s = connect(client);
-    turnAndReply(s, 20);
-    client.playbackStarted("item_r");
-    client.playbackProgress([{ itemId: "item_r", played: 48_000 }]);
-    player.flush = () => new Promise(() => {}); // a worklet that never answers
-    s.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
-    await settle();
-    clock.advance(100);
-    await settle();
-    expect(s.sent.at(-1)).toEqual({ type: "conversation.item.truncate", item_id: "item_r", content_index: 0, audio_end_ms: 2000 });
-  });
 });
 
-describe("RealtimeClient: reconnect", () => {
-  it("reconnects after an unexpected close with exponential backoff, resuming the conversation", () => {
+describe("RealtimeClient: the connection and the end of a call", () => {
+  it("shows the connection's retries, its failures and the server's endings", () => {
     const client = makeClient();
-    const s = connect(client, { conversation_id: "conv_server" });
-    s.drop(1006);
+    connect(client, { conversation_id: "conv_server" });
+    expect(client.getSnapshot().conversationId).toBe("conv_server");
+    last().drop(1006);
     expect(client.phase).toBe("reconnecting");
     expect(client.getSnapshot().reconnect).toEqual({ attempt: 1, max: 5, delayMs: 500 });
-    clock.advance(499);
-    expect(sockets).toHaveLength(1);
-    clock.advance(1);
-    expect(sockets).toHaveLength(2);
-    expect(new URL(last().url).searchParams.get("conversation_id")).toBe("conv_server");
-    last().drop(1006); // the handshake fails too
-    expect(client.getSnapshot().reconnect?.delayMs).toBe(1000);
-    clock.advance(1000);
-    last().open();
-    last().receive({ type: "session.created", session: {} });
-    expect(client.phase).toBe("listening");
-    expect(client.getSnapshot().reconnect).toBeNull();
-    // A later drop starts from the first delay again.
-    last().drop(1011);
-    expect(client.getSnapshot().reconnect).toEqual({ attempt: 1, max: 5, delayMs: 500 });
-  });
-
-  it("gives up after the bounded number of attempts and shows the server as down", () => {
-    const client = makeClient();
-    const s = connect(client);
-    s.drop(1006);
-    const delays: number[] = [];
-    for (let k = 0; k < 5; k++) {
-      delays.push(client.getSnapshot().reconnect!.delayMs);
-      clock.advance(delays[k]);
-      last().drop(1006);
-    }
-    expect(delays).toEqual([500, 1000, 2000, 4000, 8000]);
-    expect(sockets).toHaveLength(6);
-    expect(client.phase).toBe("error");
-    expect(client.getSnapshot().failure?.kind).toBe("server-down");
-    clock.advance(120_000);
-    expect(sockets).toHaveLength(6);
-    expect(clock.pending).toBe(0);
-  });
-
-  it("caps the delay at maxDelayMs and jitters it", () => {
-    const client = makeClient({ reconnect: { maxAttempts: 8, baseDelayMs: 500, maxDelayMs: 3000 }, random: () => 1 });
-    const s = connect(client);
-    s.drop(1006);
-    const delays: number[] = [];
-    for (let k = 0; k < 6; k++) {
-      delays.push(client.getSnapshot().reconnect!.delayMs);
-      clock.advance(delays[k]);
-      last().drop(1006);
-    }
-    expect(delays).toEqual([625, 1250, 2500, 3750, 3750, 3750]); // ×1.25 at the top of the jitter
-  });
-
-  it("never reconnects after 1008 (the token was refused)", () => {
-    const client = makeClient();
-    client.start();
-    last().open();
+    clock.advance(500);
     last().drop(1008, "unauthorized");
     expect(client.phase).toBe("error");
     expect(client.getSnapshot().failure).toEqual({ kind: "auth", message: "unauthorized" });
-    clock.advance(60_000);
-    expect(sockets).toHaveLength(1);
-  });
-
-  it("asks why a first handshake failed: a live server means the token was refused", async () => {
-    const client = makeClient({ diagnoseRefusal: async () => "auth" });
-    client.start();
-    last().drop(1006);
-    expect(client.phase).toBe("connecting");
-    await settle();
-    expect(client.getSnapshot().failure?.kind).toBe("auth");
-    clock.advance(60_000);
-    expect(sockets).toHaveLength(1);
-  });
-
-  it("a first handshake failure with the server down is retried", async () => {
-    const client = makeClient({ diagnoseRefusal: async () => "down" });
-    client.start();
-    last().drop(1006);
-    await settle();
-    expect(client.phase).toBe("reconnecting");
-    clock.advance(500);
-    expect(sockets).toHaveLength(2);
-  });
-
-  it("a busy server (1013) is retried, and named when the attempts run out", () => {
-    const client = makeClient({ reconnect: { maxAttempts: 2 } });
-    client.start();
-    for (let k = 0; k < 3; k++) {
-      last().open();
-      last().receive({ type: "error", error: { type: "server_error", code: "server_busy", message: "at capacity" } });
-      last().drop(1013, "server busy");
-      clock.advance(10_000);
-    }
-    expect(sockets).toHaveLength(3);
-    expect(client.getSnapshot().failure?.kind).toBe("busy");
+    expect(client.getSnapshot().reconnect).toBeNull();
+    client.retry();
+    last().open();
+    last().receive({ type: "session.created", session: {} });
+    expect(client.phase).toBe("listening");
+    last().drop(4001, "taken over");
+    expect(client.phase).toBe("idle");
+    expect(client.getSnapshot().notice?.message).toMatch(/another tab/);
   });
 
   it("a normal close by the server ends the call with a notice", () => {
@@ -543,15 +331,6 @@ describe("RealtimeClient: reconnect", () => {
     expect(client.phase).toBe("reconnecting");
   });
 
-  it("does not reconnect when a newer connection took the conversation over", () => {
-    const client = makeClient();
-    connect(client, { conversation_id: "conv_mine" });
-    last().drop(4001, "taken over");
-    clock.advance(60_000);
-    expect(sockets).toHaveLength(1); // no new socket: it would take the conversation back
-    expect(client.getSnapshot().notice?.message).toMatch(/another tab/);
-  });
-
   it("retry after a failure resumes the same conversation", () => {
     const client = makeClient();
     connect(client, { conversation_id: "conv_keep" });
@@ -571,5 +350,21 @@ describe("RealtimeClient: reconnect", () => {
     expect(s.closedWith?.code).toBe(1000);
     clock.advance(60_000);
     expect(sockets).toHaveLength(1);
+  });
+
+  it("a failure mid-reply leaves nothing of that reply to play or truncate in the next call", async () => {
+    const client = makeClient();
+    const s = connect(client);
+    turnAndReply(s, 5);
+    client.playbackStarted("item_r");
+    client.fail("mic-missing", "The microphone stopped.");
+    client.retry();
+    const next = last();
+    next.open();
+    next.receive({ type: "session.created", session: {} });
+    expect(client.phase).toBe("listening"); // not "thinking" about the last call's unplayed audio
+    next.receive({ type: "input_audio_buffer.speech_started", item_id: "item_u2", audio_start_ms: 0 });
+    await settle();
+    expect(next.types()).not.toContain("conversation.item.truncate");
   });
 });
