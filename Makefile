@@ -62,7 +62,7 @@ docker-constraints: $(STAMP)
 # CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local and AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 # (the emulator checks @connections' SigV4 signatures); list ws://127.0.0.1:8765/ in the page's config.json.
 gateway: $(STAMP)
-	CSM_ALLOW_ANONYMOUS=$${CSM_ALLOW_ANONYMOUS:-1} $(PY) -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000
+	CSM_ALLOW_ANONYMOUS=$${CSM_ALLOW_ANONYMOUS:-1} $(PY) -m devtools.local_gateway --serve-url http://127.0.0.1:8000
 
 # The whole app on this machine: http://127.0.0.1:8000 (random `tiny` weights unless MODEL_PATH is set).
 demo: $(STAMP) system-deps frontend-build

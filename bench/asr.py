@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load_client import SENTENCES
 from bench.report import machine_line
 from csm.audio import FRAME_SIZE, SAMPLE_RATE
+from devtools.realtime_client import speech
 from speech.asr import to_asr_rate
 from speech.asr_pocketsphinx import SPHINX_SEARCH, pcm16
 from speech.pcm import SPEECH_SAMPLE_RATE
-from tests.realtime_client import speech
 
 TEXTS = (*SENTENCES, "What is the weather like today? One two three four five.", "hello world")
 KEY_WORDS = (  # words a listener needs; a setting is judged by how many it hears

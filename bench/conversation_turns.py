@@ -17,7 +17,7 @@ from websockets.exceptions import WebSocketException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too (`--help`)
 
 from bench.launch import http_base, settle
-from tests.realtime_client import Client
+from devtools.realtime_client import Client
 
 SEED = 7
 REPLY_SECONDS = 1.5  # x-sampling.max_reply_seconds: short replies keep the run bounded

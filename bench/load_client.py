@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file to
 
 from bench.load_procs import Sample
 from csm.audio import SAMPLE_RATE
-from tests.realtime_client import CHUNK, speech
+from devtools.realtime_client import CHUNK, speech
 
 CHUNK_S = CHUNK / SAMPLE_RATE  # 80 ms, what a browser's audio worklet sends at a time
 PREROLL_S = 0.12  # the page's base pre-roll (frontend/src/lib/jitterBuffer.ts, `prerollMs`)
@@ -87,6 +87,7 @@ class RunStats:
     errors: Counter[str] = field(default_factory=Counter)  # `error` events by code
     failures: Counter[str] = field(default_factory=Counter)  # everything else, by kind
     refused: int = 0
+    finished: Counter[str] = field(default_factory=Counter)  # completed turns by conversation id
     crashes: list[str] = field(default_factory=list)
     memory: list[tuple[float, float]] = field(default_factory=list)  # (s into the run, total RSS MB)
     loop_lag: list[float] = field(default_factory=list)
@@ -176,9 +177,8 @@ def delta_samples(b64: str) -> int:
 class Conversation:
     """One open socket: a reader task files each event into the current turn as it arrives."""
 
-    def __init__(self, ws: websockets.ClientConnection, stats: RunStats) -> None:
-        self.ws = ws
-        self.stats = stats
+    def __init__(self, ws: websockets.ClientConnection, stats: RunStats, conversation_id: str) -> None:
+        self.ws, self.stats, self.id = ws, stats, conversation_id
         self.turn: Turn | None = None
         self.ended: str | None = None  # why the server ended it, as a failure kind
         self._closing = False
@@ -270,7 +270,7 @@ async def open_conversation(url: str, stats: RunStats) -> Conversation:
             raise Refused
         if first["type"] != "session.created":
             raise Failure(f"open:{first['type']}")
-        if (await _recv(ws))["type"] != "x-server.info":
+        if (info := await _recv(ws))["type"] != "x-server.info":
             raise Failure("open:no x-server.info")
     except ConnectionClosed:
         await ws.close()
@@ -283,7 +283,7 @@ async def open_conversation(url: str, stats: RunStats) -> Conversation:
     except Failure:
         await ws.close()
         raise
-    return Conversation(ws, stats)
+    return Conversation(ws, stats, info["conversation_id"])
 
 
 # ---- a person ------------------------------------------------------------------------------------
@@ -356,7 +356,10 @@ async def take_turn(conversation: Conversation, utterance: Utterance, stats: Run
         ) from None
     if turn.status is None:  # the socket closed before the reply was done
         raise Failure(conversation.ended or "closed:unknown")
-    await sleep_until(record(turn, stats))  # the person listens to the whole reply
+    played = record(turn, stats)
+    if turn.status == "completed":
+        stats.finished[conversation.id] += 1
+    await sleep_until(played)  # the person listens to the whole reply
     conversation.turn = None
 
 

@@ -42,8 +42,8 @@ from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import random_model
 from csm.prompt import PromptBuilder, Segment
 from csm.tokenizer import ByteTokenizer
+from devtools.realtime_client import Client, audio_samples
 from serve_app.reply import ASSISTANT, PERSON, frames_for
-from tests.realtime_client import Client, audio_samples
 
 
 def turn_text(person: int, turn: int) -> str:

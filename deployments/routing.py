@@ -1,4 +1,6 @@
-"""`ConversationRouter`: a conversation's `CSMGenerator` calls go to the replica that holds its KV cache.
+"""Request routers: a conversation's `CSMGenerator` calls go to the replica that holds its KV cache
+(`ConversationRouter`), and a bridged connection's calls go to the one ingress replica that holds it
+(`ConnectionRouter`, at the end).
 
 Why a custom `RequestRouter` and not multiplexed ids (which the codec deployments use, `streams.py`): a
 multiplexed id reaches the routers through the controller (the replica records the ids it loaded, the
@@ -29,7 +31,9 @@ Serve's base `RequestRouter` hands the replica it picks to the very request it p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import random
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +46,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 # only costs a full prefill on its next reply.
 MAX_CONVERSATIONS = 65536
 
-__all__ = ["ConversationRouter", "conversation_of", "router_config"]
+__all__ = ["ConnectionRouter", "ConversationRouter", "conversation_of", "owner", "router_config"]
 
 
 def router_config(busy_at: int | None = None) -> RequestRouterConfig:
@@ -155,3 +159,37 @@ class ConversationRouter(RequestRouter):
             return None
         self.replica_queue_len_cache.update(replica.replica_id, load)
         return load
+
+
+def owner(connection: str, replicas: Sequence[str]) -> str | None:
+    """The replica (by unique id) that holds `connection`: the highest hash of the pair (rendezvous
+    hashing), so every router that sees the same replicas agrees, with no state, and a replica that comes
+    or goes moves only the connections it gains or held."""
+
+    def score(replica: str) -> bytes:
+        return hashlib.blake2b(f"{connection}\0{replica}".encode(), digest_size=8).digest()
+
+    return max(replicas, key=score, default=None)
+
+
+class ConnectionRouter(RequestRouter):
+    """The ingress's router. A bridged call names its API Gateway connection (the Lambda's
+    `serve_multiplexed_model_id` header) and must reach the replica holding that connection's session,
+    from whichever proxy it comes through: `owner` of the connection among the running replicas, decided
+    from the id alone. Serve's own multiplexed routing cannot promise that: a replica's ids reach the
+    proxies through the controller, so the calls right after `$connect` could land anywhere (measured:
+    with two replicas the third connection's first events went to the other one, 404). While the owner
+    is at `max_ongoing_requests` the call waits for it, as it must. When the replicas change, the
+    connections whose owner changed get 404 and API Gateway's socket is closed; the page reconnects and
+    resumes its conversation. Everything else (the socket, the page, health) goes to the less loaded of
+    two replicas picked at random, Serve's default policy."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        connection = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if connection:
+            by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+            held_by = owner(connection, sorted(by_id))
+            return [[by_id[held_by]]] if held_by is not None else []
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

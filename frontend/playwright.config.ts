@@ -4,7 +4,7 @@
  *
  * Projects pick the realtime endpoint through the `endpoint`/`token` options (e2e/fixtures.ts):
  * "direct" leaves it unset, so the page talks to the Serve app's own /v1/realtime; "gateway" runs the
- * conversation spec through the API Gateway emulator (lambda_bridge.local_gateway, started by e2e/app.ts).
+ * conversation spec through the API Gateway emulator (devtools.local_gateway, started by e2e/app.ts).
  */
 import { defineConfig } from "@playwright/test";
 import { APP_TOKEN, ports, serveUrl } from "./e2e/app";

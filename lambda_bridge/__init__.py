@@ -1,4 +1,4 @@
-"""API Gateway WebSocket ↔ Ray Serve: the Lambda handlers, and a local gateway emulator.
+"""API Gateway WebSocket ↔ Ray Serve: the Lambda handlers.
 
 In AWS the browser's socket ends at API Gateway. Every client message invokes `handlers.default`,
 which forwards it to the Serve ingress's bridge endpoint over HTTP and returns at once; the ingress
@@ -7,6 +7,6 @@ and `handlers.disconnect` open and end the conversation; `authorizer.handler` ch
 `$connect`.
 
 The handlers import only the standard library and boto3, so the CDK deploys this folder as a plain
-asset. `local_gateway` (a development and test tool, never deployed) runs the same handlers behind
-a WebSocket server that behaves like API Gateway.
+asset, all of it: `devtools.local_gateway` (a development and test tool, never deployed) runs the same
+handlers behind a WebSocket server that behaves like API Gateway.
 """

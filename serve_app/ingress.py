@@ -16,15 +16,17 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import metrics
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from csm.requests import PromptUse
+from deployments.routing import ConnectionRouter
 from deployments.weights import RANDOM_WARNING, set_torch_threads
 from serve_app import protocol as p
 from serve_app.bridge import BridgeAccess, BridgedConversations, bearer_token
@@ -32,6 +34,7 @@ from serve_app.conversation import Shared
 from serve_app.history import HistoryStore, check_conversation_id
 from serve_app.ingress_config import IngressConfig, access
 from serve_app.pages import Pages
+from serve_app.principals import ClusterCounts
 from serve_app.reply import Observer
 from serve_app.services import Handles, RayServices
 from serve_app.sessions import Refused, Session, Sessions
@@ -57,7 +60,12 @@ def _presented(query_token: str | None, authorization: str | None) -> str | None
 app = FastAPI(title="CSM voice conversations", docs_url=None, redoc_url=None)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+# A bridged connection's calls reach the replica holding it (`ConnectionRouter`), whatever the proxy.
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    request_router_config=RequestRouterConfig(request_router_class=ConnectionRouter),
+)
 @serve.ingress(app)
 class ConversationIngress:
     def __init__(
@@ -129,8 +137,13 @@ class ConversationIngress:
             observer,
             streaming_asr=cfg.streaming_asr,
         )
+        # A per-token limit is one for the app, whichever replica a conversation lands on.
+        context = serve.get_replica_context()
+        cluster = None
+        if cfg.max_conversations_per_token is not None:
+            cluster = ClusterCounts(self.replica, scope=context.app_name)
         self.sessions = Sessions(
-            cfg, self.services, shared, self._server_info, self._m_active.set, self._m_refused.inc
+            cfg, self.services, shared, self._server_info, self._m_active.set, self._m_refused.inc, cluster
         )
         self.bridge = BridgedConversations(
             BridgeAccess.resolve(cfg.bridge_token, cfg.bridge_callback_url), self.sessions
@@ -348,31 +361,28 @@ class ConversationIngress:
         return found
 
     # ---- the Lambda bridge (serve_app.bridge) -------------------------------------------------------
-    @serve.multiplexed(max_num_models_per_replica=4096)
-    async def _route(self, connection_id: str) -> str:
-        # With header `serve_multiplexed_model_id: <connection id>`, a connection's calls reach one replica.
-        return connection_id
-
     # Connection ids are API Gateway's (base64-like: they may hold '/' and '='), hence `:path`; the
     # events route comes first so that ".../events" is never read as a connection id. Every route
-    # takes the bridge's own token first: nothing of a refused call reaches a conversation.
+    # takes the bridge's own token first: nothing of a refused call reaches a conversation. The
+    # connection id also comes as `serve_multiplexed_model_id`, by which `ConnectionRouter` routes.
     @app.post("/bridge/connections/{connection_id:path}/events")
     async def bridge_event(self, connection_id: str, request: Request) -> JSONResponse:
-        if (refused := self.bridge.refusal(request.headers.get("authorization"))) is not None:
-            return refused
-        await self._route(connection_id)
-        return await self.bridge.event(connection_id, await request.body())
+        return await self._bridged(connection_id, request, self.bridge.event)
 
     @app.post("/bridge/connections/{connection_id:path}")
     async def bridge_connect(self, connection_id: str, request: Request) -> JSONResponse:
-        if (refused := self.bridge.refusal(request.headers.get("authorization"))) is not None:
-            return refused
-        await self._route(connection_id)
-        return await self.bridge.connect(connection_id, await request.body())
+        return await self._bridged(connection_id, request, self.bridge.connect)
 
     @app.delete("/bridge/connections/{connection_id:path}")
     async def bridge_disconnect(self, connection_id: str, request: Request) -> JSONResponse:
+        return await self._bridged(connection_id, request, lambda cid, _body: self.bridge.disconnect(cid))
+
+    async def _bridged(
+        self,
+        connection_id: str,
+        request: Request,
+        call: Callable[[str, bytes], Awaitable[JSONResponse]],
+    ) -> JSONResponse:
         if (refused := self.bridge.refusal(request.headers.get("authorization"))) is not None:
             return refused
-        await self._route(connection_id)
-        return await self.bridge.disconnect(connection_id)
+        return await call(connection_id, await request.body())

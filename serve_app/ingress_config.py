@@ -29,8 +29,9 @@ class IngressConfig(BaseModel):
     allow_anonymous: bool | None = None
     frontend_dir: str | None = None  # default: frontend/dist of the checkout
     max_conversations: int = Field(16, ge=1)
-    # Open conversations one token may hold (per ingress replica); the bridge passes its authorizer's
-    # principal instead (a Cognito user, say). Off by default: the demo's one shared token is everyone's.
+    # Open conversations one token may hold, across every ingress replica (serve_app.principals); the
+    # bridge passes its authorizer's principal instead (a Cognito user, say). Off by default: the demo's
+    # one shared token is everyone's.
     max_conversations_per_token: int | None = Field(None, ge=1)
     # The Lambda bridge's own token (`Authorization: Bearer` on /bridge/*; the users' token never opens
     # them), default $CSM_BRIDGE_TOKEN; and where bridged replies go, the API's `@connections` endpoint,

@@ -72,14 +72,10 @@ class Listener:
         speech_started: Callable[[p.ServerVad], None],
         end_turn: Callable[[bool], None],
     ) -> None:
-        self._services = services
-        self._limits = limits
+        self._services, self._limits, self._streaming_asr = services, limits, streaming_asr
         self._vad_model = vad_model
-        self._streaming_asr = streaming_asr
-        self._send = send
-        self._report = report
-        self._speech_started = speech_started
-        self._end_turn = end_turn
+        self._send, self._report = send, report  # to the client: events, and refusals as `error`
+        self._speech_started, self._end_turn = speech_started, end_turn  # to the conversation
         self.vad: p.ServerVad | None = p.ServerVad()  # the session's turn detection; None: push-to-talk
         self.detector: TurnDetector | None = TurnDetector(_vad_config(self.vad), vad_model)
         self.turn: InputTurn | None = None

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SEQ_FIELD = "x-seq"  # the client's number for an event (our extension: OpenAI's protocol has none)
 WINDOW_S = 1.0  # how long an early event waits for the ones before it
 MAX_PENDING = 256  # early events held at most (about 10 s of 40 ms audio chunks); past it, a gap
 
@@ -45,8 +44,7 @@ class Reorderer(Generic[T]):
         max_pending: int = MAX_PENDING,
     ) -> None:
         self._deliver = deliver
-        self.window_s = window_s
-        self.max_pending = max_pending
+        self.window_s, self.max_pending = window_s, max_pending
         self.stats = OrderStats()
         self._next = 1
         self._pending: dict[int, T] = {}

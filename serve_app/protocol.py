@@ -107,6 +107,8 @@ AUDIO_FORMAT = "audio/pcm"
 """The only audio format: signed 16-bit little-endian mono PCM."""
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024
 """API Gateway's WebSocket message limit; the direct socket uses the same so both paths agree."""
+SEQ_FIELD = "x-seq"
+"""A client event's number (our extension: OpenAI's protocol has none); see ``_ClientEvent.x_seq``."""
 DEFAULT_MODEL = "csm-1b"
 DEFAULT_VOICE = "default"
 
@@ -377,6 +379,9 @@ class RealtimeSession(SessionConfig):
 class _ClientEvent(_ClientModel):
     event_id: str | None = None
     """Optional client-chosen id, echoed in ``error.event_id`` when this event is rejected."""
+    x_seq: int | None = Field(None, alias=SEQ_FIELD, ge=1)
+    """Our extension: the client's number for this event (1, 2, ... per connection), by which the ingress
+    puts events back in order when they arrive out of it (``serve_app.ordering``); none: arrival order."""
 
 
 class SessionUpdate(_ClientEvent):
@@ -976,6 +981,17 @@ def parse_client_event(
         raise _to_protocol_error(raw, exc) from None
     except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # pragma: no cover - safety net
         raise ProtocolError("invalid_event", f"could not parse message ({type(exc).__name__})") from None
+
+
+def sequence_number(raw: str | bytes) -> int | None:
+    """The ``x-seq`` of a message that was not taken (unparsable, or dropped as over the rate), so that
+    the events after it need not wait for it; None when it has none."""
+    try:
+        message = pydantic_core.from_json(raw)
+    except ValueError:
+        return None
+    seq = message.get(SEQ_FIELD) if isinstance(message, dict) else None
+    return seq if type(seq) is int and seq >= 1 else None
 
 
 def _utf8_size(raw: str | bytes, limit: int) -> int:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 
 from csm.audio import SAMPLES_PER_MS
@@ -24,6 +24,8 @@ from serve_app import protocol as p
 from serve_app.conversation import Conversation, Shared
 from serve_app.history import LEASE_S, ConversationNotFound, HistoryStore
 from serve_app.ingress_config import IngressConfig
+from serve_app.ordering import Reorderer
+from serve_app.principals import RENEW_S, ClusterCounts
 from serve_app.services import Services
 
 log = logging.getLogger(__name__)
@@ -110,12 +112,14 @@ class Session:
     lease: _Lease
     release_place: Callable[[], None]
     rate: _RateLimit = field(init=False)
+    order: Reorderer[p.ClientEvent | None] = field(init=False)
     close_code: int = 1000
     close_reason: str = ""
     closed: bool = False
 
     def __post_init__(self) -> None:
         self.rate = _RateLimit(self.inbound.events_per_second, self.inbound.event_burst)
+        self.order = Reorderer(self._apply)
 
     @property
     def id(self) -> str:
@@ -130,23 +134,31 @@ class Session:
         self.outbox.put_nowait(None)
 
     async def receive(self, raw: str | bytes) -> None:
-        """One client message: rate-limited, parsed, handed to the conversation; bad ones become `error`."""
+        """One client message: rate-limited, parsed, handed to the conversation in the client's order
+        (`x-seq`, when it numbers its events); bad ones become `error` at once."""
         if not self.rate.allow():
-            self.conversation.report(
-                p.ProtocolError(
-                    "rate_limited",
-                    f"over {self.inbound.events_per_second:g} events per second; event dropped",
+            refused: p.ProtocolError | None = p.ProtocolError(
+                "rate_limited", f"over {self.inbound.events_per_second:g} events per second; event dropped"
+            )
+        else:
+            try:
+                event = p.parse_client_event(
+                    raw, self.inbound.max_message_bytes, max_audio_bytes=self.inbound.max_audio_bytes
                 )
-            )
+                refused = None
+            except p.ProtocolError as e:
+                refused = e
+        if refused is not None:
+            self.conversation.report(refused)
+            # The events after it need not wait for it (a message too large is not read at all).
+            if refused.code != "message_too_large" and (seq := p.sequence_number(raw)) is not None:
+                await self.order.push(seq, None)
             return
-        try:
-            event = p.parse_client_event(
-                raw, self.inbound.max_message_bytes, max_audio_bytes=self.inbound.max_audio_bytes
-            )
-        except p.ProtocolError as e:
-            self.conversation.report(e)
-            return
-        await self.conversation.handle(event)
+        await self.order.push(event.x_seq, event)
+
+    async def _apply(self, event: p.ClientEvent | None) -> None:
+        if event is not None:
+            await self.conversation.handle(event)
 
 
 class Sessions:
@@ -160,14 +172,20 @@ class Sessions:
         hello: Callable[[str], Awaitable[p.ServerInfo]],
         count: Callable[[int], None] = lambda n: None,
         refused: Callable[[], None] = lambda: None,
+        cluster: ClusterCounts | None = None,
     ) -> None:
         """`hello`: a conversation's first event after `session.created`; `count` and `refused`: where
-        the number of open sessions and each refusal are reported (the ingress's metrics)."""
+        the number of open sessions and each refusal are reported (the ingress's metrics); `cluster`: the
+        count per principal this replica shares with the others (`serve_app.principals`, on Ray); without
+        it each replica counts alone."""
         self.services, self.shared, self.store = services, shared, shared.store
         self._hello, self._count, self._refused = hello, count, refused
         self.slots = asyncio.Semaphore(cfg.max_conversations)
         self.per_principal_limit = cfg.max_conversations_per_token
-        self.per_principal: Counter[str] = Counter()
+        self.cluster = cluster if self.per_principal_limit is not None else None
+        # This replica's places per principal (what it tells the cluster's count).
+        self.per_principal: Counter[str] = cluster.held if cluster is not None else Counter()
+        self._background: set[asyncio.Task] = set()
         self.inbound = _Inbound(
             cfg.events_per_second,
             cfg.event_burst,
@@ -177,6 +195,7 @@ class Sessions:
         self.active: set[Session] = set()
         self.live: dict[str, Session] = {}  # conversation id → the session that holds it here
         self._sweeper: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
 
     async def admit(self, principal: str) -> Callable[[], None]:
         """A place for one conversation (or speech request) of `principal`, taken now or refused at once
@@ -184,13 +203,19 @@ class Sessions:
         if self.slots.locked():
             self._refused()
             raise Refused("server_busy", BUSY)
-        limit = self.per_principal_limit
-        if limit is not None and self.per_principal[principal] >= limit:
+        await self.slots.acquire()  # not locked: returns at once, nothing runs between the check and this
+        try:
+            allowed = await self._take(principal)
+        except BaseException:
+            self.slots.release()
+            raise
+        if not allowed:
+            self.slots.release()
             self._refused()
+            limit = self.per_principal_limit
             raise Refused(
                 "limit_exceeded", f"this token already holds {limit} open conversations; close one first"
             )
-        await self.slots.acquire()  # not locked: returns at once, nothing runs between the check and this
         self.per_principal[principal] += 1
         held = True
 
@@ -198,12 +223,40 @@ class Sessions:
             nonlocal held
             if held:
                 held = False
-                self.slots.release()
-                self.per_principal[principal] -= 1
-                if self.per_principal[principal] <= 0:
-                    del self.per_principal[principal]
+                self._give_back(principal)
+                if self.cluster is not None:
+                    self._in_background(self.cluster.release(principal))
 
         return release
+
+    async def _take(self, principal: str) -> bool:
+        """Whether `principal` may hold one more: on this replica's count, or the cluster's."""
+        limit = self.per_principal_limit
+        if limit is None:
+            return True
+        if self.cluster is None:
+            return self.per_principal[principal] < limit
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
+        return await self.cluster.take(principal, limit)
+
+    def _give_back(self, principal: str) -> None:
+        self.slots.release()
+        self.per_principal[principal] -= 1
+        if self.per_principal[principal] <= 0:
+            del self.per_principal[principal]
+
+    def _in_background(self, work: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _renew(self) -> None:
+        """Send this replica's holdings to the cluster's count every RENEW_S (see serve_app.principals)."""
+        assert self.cluster is not None
+        while True:
+            await asyncio.sleep(RENEW_S)
+            await self.cluster.renew()
 
     async def open(self, principal: str, requested: str | None) -> Session:
         """`principal`'s conversation `requested` (its history), or a new one, started and held by the
@@ -237,6 +290,7 @@ class Sessions:
             return
         session.closed = True
         try:
+            await session.order.close()  # what came out of order is applied, then nothing more
             await session.conversation.close()  # before the lease goes: nothing is written after it
         finally:
             session.outbox.put_nowait(None)

@@ -103,8 +103,8 @@ def serve_app(tmp_path_factory):
     import ray
     from ray import serve
 
+    from devtools.realtime_client import speech
     from serve_app.app import build_app
-    from tests.realtime_client import speech
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,9 +144,9 @@ def serve_app(tmp_path_factory):
 
 
 @contextmanager
-def second_ingress(serve_app: dict, name: str, config: dict) -> Iterator[str]:
+def second_ingress(serve_app: dict, name: str, config: dict, num_replicas: int = 1) -> Iterator[str]:
     """Another `ConversationIngress` with `config` (validated first), on the running app's models, at
-    `/<name>`; yields its base URL and deletes it after."""
+    `/<name>`, in `num_replicas` replicas; yields its base URL and deletes it after."""
     from ray import serve
 
     from serve_app.ingress import ConversationIngress, IngressConfig
@@ -156,7 +156,8 @@ def second_ingress(serve_app: dict, name: str, config: dict) -> Iterator[str]:
         serve.get_deployment_handle(deployment, "csm")
         for deployment in ("CSMGenerator", "AudioDecoder", "AudioTokenizer", "SpeechRecognizer", "Responder")
     ]
-    serve.run(ConversationIngress.bind(*handles, config), name=name, route_prefix=f"/{name}")
+    ingress = ConversationIngress.options(num_replicas=num_replicas)
+    serve.run(ingress.bind(*handles, config), name=name, route_prefix=f"/{name}")
     try:
         yield f"{serve_app['url']}/{name}"
     finally:

@@ -19,6 +19,14 @@ import numpy as np
 import pytest
 
 from csm.audio import FRAME_MS
+from devtools.realtime_client import (
+    CHUNK,
+    assert_spoken_turn,
+    audio_samples,
+    expected_frames,
+    of_type,
+    speech,
+)
 from serve_app import protocol as p
 from serve_app.conversation import Conversation, Limits, Shared
 from serve_app.history import HistoryStore
@@ -26,7 +34,6 @@ from serve_app.local_services import LocalServices
 from serve_app.speech import InputStream, ReplyStream
 from serve_app.voices import VoiceLibrary
 from speech.vad import load_vad_model
-from tests.realtime_client import CHUNK, assert_spoken_turn, audio_samples, expected_frames, of_type, speech
 
 FRAME = 1920
 REPLY_S = 2.0  # short replies keep the file fast; the barge-in test asks for longer ones

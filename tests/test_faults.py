@@ -21,9 +21,9 @@ import ray
 from ray import serve
 from websockets.exceptions import ConnectionClosed
 
+from devtools.realtime_client import Client, audio_samples, of_type
 from serve_app.app import build_app
 from tests.conftest import APP_TOKEN
-from tests.realtime_client import Client, audio_samples, of_type
 from tests.standins import FakeLLM, http_server
 
 APP = "faults"

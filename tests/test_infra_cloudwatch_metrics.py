@@ -41,6 +41,17 @@ ray_serve_deployment_queued_queries{application="csm",deployment="AudioTokenizer
 DASHBOARD = "# TYPE ray_dashboard_up gauge\nray_dashboard_up 1.0\n"  # listed, but not a node
 
 
+# What one publish of the two nodes above sends (the dead endpoint listed beside them adds nothing).
+PUBLISHED = {
+    "OngoingRequests": 14.0,
+    "OngoingRequestsPerNode": 7.0,
+    "QueuedRequests": 3.0,
+    "Conversations": 7.0,
+    "Nodes": 2.0,
+    "GpuUtilization": 60.0,
+}
+
+
 def test_summarize_adds_up_the_nodes():
     load = cw.summarize([NODE_WITH_GPU, SECOND_NODE])
     assert load.nodes == 2
@@ -107,14 +118,7 @@ def test_publish_once_reads_every_listed_endpoint(tmp_path, ray_metrics_servers)
     assert cw.publish_once(discovery, "csm-voice", sent.append)
     (data,) = sent
     values = {d["MetricName"]: d["Value"] for d in data}
-    assert values == {
-        "OngoingRequests": 14.0,
-        "OngoingRequestsPerNode": 7.0,
-        "QueuedRequests": 3.0,
-        "Conversations": 7.0,
-        "Nodes": 2.0,
-        "GpuUtilization": 60.0,
-    }
+    assert values == PUBLISHED
 
 
 def test_a_failed_put_is_reported_not_raised(tmp_path):
@@ -151,13 +155,6 @@ def test_the_real_put_metric_data_call_reaches_a_cloudwatch_stand_in(
     assert call.operation == "PutMetricData" and call.access_key == "AKIDHEAD"
     assert call.params["Namespace"] == "CSM/Voice"
     sent = {d["MetricName"]: d for d in call.params["MetricData"]}
-    assert {name: d["Value"] for name, d in sent.items()} == {
-        "OngoingRequests": 14.0,
-        "OngoingRequestsPerNode": 7.0,
-        "QueuedRequests": 3.0,
-        "Conversations": 7.0,
-        "Nodes": 2.0,
-        "GpuUtilization": 60.0,
-    }
+    assert {name: d["Value"] for name, d in sent.items()} == PUBLISHED
     assert sent["GpuUtilization"]["Unit"] == "Percent"
     assert sent["Nodes"]["Dimensions"] == [{"Name": "ClusterName", "Value": "csm-voice"}]

@@ -19,8 +19,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from devtools.local_gateway import LocalGateway
 from lambda_bridge import authorizer, handlers, logs, settings
-from lambda_bridge.local_gateway import LocalGateway
 from serve_app import bridge
 from serve_app.bridge import MAX_MESSAGE_BYTES, ApiGatewaySink, BridgeAccess, BridgeRefused, split_message
 from tests.standins import FakeIngress, aws_json_api, http_server

@@ -12,10 +12,10 @@ import pytest
 from ray import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from lambda_bridge.local_gateway import LocalGateway
+from devtools.local_gateway import LocalGateway
+from devtools.realtime_client import Client, of_type, speech
 from serve_app.app import build_app
 from tests.conftest import APP_TOKEN, GATEWAY_BRIDGE
-from tests.realtime_client import Client, of_type, speech
 
 APP = "limits"
 PER_TOKEN = 2

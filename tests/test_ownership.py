@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ray import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from lambda_bridge.local_gateway import LocalGateway
+from devtools.local_gateway import LocalGateway
+from devtools.realtime_client import Client, of_type
 from serve_app.app import build_app
 from serve_app.ingress import ConversationIngress, IngressConfig, access
 from tests.conftest import APP_TOKEN, GATEWAY_BRIDGE
-from tests.realtime_client import Client, of_type
 from tests.standins import http_server
 from tests.test_authorizer_jwt import id_claims, jwk, leave_pool, sign, use_pool
 

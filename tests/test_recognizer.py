@@ -27,12 +27,12 @@ from transformers import (
 
 from csm.audio import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_MS
 from deployments.recognizer import RecognizerConfig, RecognizerOptions, SpeechRecognizer
+from devtools.realtime_client import espeak
 from speech.asr import AgreedWords, Push, make_transcriber
 from speech.asr_pocketsphinx import PocketsphinxTranscriber
 from speech.asr_whisper import Stretcher, WhisperTranscriber
 from speech.pcm import SPEECH_SAMPLE_RATE, StreamResampler, is_silent
 from speech.vad import TurnDetector, VadConfig, VadEvent, load_vad_model
-from tests.realtime_client import espeak
 
 MS = SAMPLES_PER_MS  # at 24 kHz
 VOICE_LEVEL = 0.02  # |sample| above this is the voice, not espeak's leading/trailing silence

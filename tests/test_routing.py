@@ -23,7 +23,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from csm.prompt import Segment
 from deployments.generator import CSMGenerator, GeneratorConfig, PromptUse, SpeechRequest
-from deployments.routing import ConversationRouter, conversation_of, router_config
+from deployments.routing import ConversationRouter, conversation_of, owner, router_config
 
 DEPLOYMENT = DeploymentID(name="CSMGenerator", app_name="routing")
 
@@ -248,3 +248,15 @@ async def test_a_killed_holder_s_conversation_carries_on_elsewhere(generator):
     assert heir.prompt.reused == 0 and heir.prompt.prefilled == heir.prompt.rows  # the cache died with it
     again = await c3.reply("And again.")
     assert again.replica == heir.replica and again.prompt.reused > 0  # the conversation's new holder
+
+
+def test_a_connections_owner_is_agreed_from_its_id_and_moves_only_with_its_replica():
+    replicas = [f"replica-{k}" for k in range(4)]
+    connections = [f"conn-{k}=" for k in range(400)]
+    owners = {c: owner(c, replicas) for c in connections}
+    assert owners == {c: owner(c, list(reversed(replicas))) for c in connections}  # any router, any order
+    assert all(400 // 4 // 2 < list(owners.values()).count(r) < 400 // 4 * 2 for r in replicas)  # spread
+    gone = replicas.pop(1)
+    moved = [c for c in connections if owner(c, replicas) != owners[c]]
+    assert moved and all(owners[c] == gone for c in moved)  # only the gone replica's connections move
+    assert owner("conn-0=", []) is None

@@ -181,3 +181,34 @@ async def test_a_bridged_conversation_ends_cleanly_whatever_ends_it(tmp_path):
     with pytest.raises(ValueError):
         await connect(bridge, "c4")
     assert_all_given_back(sessions, 1)
+
+
+def typed(seq: int, text: str) -> str:
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    return json.dumps({"type": "conversation.item.create", "item": item, "x-seq": seq})
+
+
+def typed_texts(session) -> list[str]:
+    return [
+        e.item.content[0].text
+        for e in drained(session.outbox)
+        if e is not None and e.type == "conversation.item.added"
+    ]
+
+
+async def test_numbered_events_are_applied_in_the_clients_order(tmp_path):
+    sessions, _ = sessions_for(tmp_path)
+    session = await sessions.open("alice", None)
+    drained(session.outbox)
+    for seq in (3, 1, 2):  # as concurrent `$default` invocations may deliver them
+        await session.receive(typed(seq, f"turn {seq}"))
+    assert typed_texts(session) == ["turn 1", "turn 2", "turn 3"]
+    # A numbered message the server does not take (bad JSON for the protocol) holds nothing up after it.
+    await session.receive(json.dumps({"type": "conversation.item.create", "x-seq": 4}))
+    await session.receive(typed(5, "turn 5"))
+    assert typed_texts(session) == ["turn 5"] and session.order.waiting == 0
+    # One that never comes is stepped over at close: what waited for it is applied, nothing is lost.
+    await session.receive(typed(7, "turn 7"))
+    assert typed_texts(session) == [] and session.order.waiting == 1
+    await sessions.close(session)
+    assert typed_texts(session) == ["turn 7"] and session.order.stats.gaps == 1

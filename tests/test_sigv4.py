@@ -16,8 +16,8 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from devtools.local_gateway import LocalGateway
 from devtools.sigv4 import SignatureRefused, verify
-from lambda_bridge.local_gateway import LocalGateway
 
 KNOWN = {"AKIDKNOWN": "the-secret"}
 URL = "http://127.0.0.1:8766/local/%40connections/abc%3D"  # as boto3 sends it: the path percent-encoded

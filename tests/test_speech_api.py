@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from csm.engine import EngineFull
+from devtools.realtime_client import Client
 from serve_app.reply import frames_for
 from serve_app.speech_api import SpeechApi, SpeechConfig
 from serve_app.voices import VoiceLibrary
 from tests.conftest import APP_TOKEN, second_ingress
-from tests.realtime_client import Client
 
 FRAME = 1920
 SENTENCES = ["Hello there.", "And a second one, after it."]

@@ -198,7 +198,7 @@ function startGateway(serveUrl: string, work: string): Promise<Service> {
     command: join(REPO_ROOT, ".venv", "bin", "python"),
     args: [
       "-m",
-      "lambda_bridge.local_gateway",
+      "devtools.local_gateway",
       ...["--port", String(ports.gateway), "--serve-url", serveUrl, "--token", APP_TOKEN],
       ...["--bridge-token", BRIDGE_TOKEN, "--management-port", String(ports.management)],
     ],

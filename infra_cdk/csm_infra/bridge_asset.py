@@ -2,8 +2,8 @@
 
 The handlers import only the standard library and boto3 (which the Lambda runtime provides), so the
 asset is the package's modules under `lambda_bridge/`, the layout the handler names
-(`lambda_bridge.handlers.connect`) expect. Left out: `local_gateway.py` (a development tool that
-imports `websockets`, absent in Lambda) and anything that is not a module (`__pycache__`).
+(`lambda_bridge.handlers.connect`) expect; anything that is not a module (`__pycache__`) is left out.
+The package holds only what is deployed: its emulator lives in `devtools/`, so no file is filtered by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from aws_cdk import BundlingOptions, ILocalBundling
 from aws_cdk import aws_lambda as lambda_
 
 PACKAGE = "lambda_bridge"
-EXCLUDED = frozenset({"local_gateway.py"})
 
 
 def package_dir() -> Path:
@@ -25,7 +24,7 @@ def package_dir() -> Path:
 
 def modules(source: Path) -> list[Path]:
     """The package's modules that go into the asset."""
-    return sorted(p for p in source.glob("*.py") if p.name not in EXCLUDED)
+    return sorted(source.glob("*.py"))
 
 
 @jsii.implements(ILocalBundling)
@@ -45,6 +44,6 @@ def bridge_code(runtime: lambda_.Runtime) -> lambda_.Code:
     source = package_dir()
     return lambda_.Code.from_asset(
         str(source),
-        exclude=["__pycache__", "*.pyc", *EXCLUDED],
+        exclude=["__pycache__", "*.pyc"],
         bundling=BundlingOptions(image=runtime.bundling_image, local=_CopyModules(source)),
     )

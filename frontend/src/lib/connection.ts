@@ -18,6 +18,7 @@ import {
   CLOSE_TAKEN_OVER,
   CLOSE_TRY_AGAIN_LATER,
   type ClientEvent,
+  SEQ_FIELD,
   type ServerEvent,
 } from "./protocol";
 import { realtimeUrl } from "./config";
@@ -96,6 +97,7 @@ export class Connection {
   private readonly options: ConnectionOptions;
   private readonly events: ConnectionEvents;
   private ws: SocketLike | null = null;
+  private sentOnSocket = 0; // the last event number (`x-seq`) on the current socket
   private running = false; // a call is on: a close is retried
   private session = false; // session.created seen on the current socket
   private hadSession = false; // any session in this call (the pre-connect buffer is for the first only)
@@ -172,7 +174,7 @@ export class Connection {
   send(event: ClientEvent): boolean {
     const ws = this.ws;
     if (ws === null || ws.readyState !== OPEN) return false;
-    ws.send(JSON.stringify(event));
+    ws.send(JSON.stringify({ ...event, [SEQ_FIELD]: ++this.sentOnSocket }));
     this.options.counters.sent[event.type] = (this.options.counters.sent[event.type] ?? 0) + 1;
     return true;
   }
@@ -234,6 +236,7 @@ export class Connection {
     }
     this.options.counters.connects++;
     this.ws = ws;
+    this.sentOnSocket = 0; // a new socket is a new session: its events count from 1
     let opened = false;
     ws.onopen = () => {
       if (ws === this.ws) opened = true;

@@ -53,6 +53,12 @@ export type ClientEvent =
   | { type: "response.create" }
   | { type: "response.cancel"; response_id?: string };
 
+/**
+ * Our extension on every client event: its number on this socket (1, 2, ...). Through API Gateway two
+ * events may reach the server in either order; it applies them in this one (serve_app/ordering.py).
+ */
+export const SEQ_FIELD = "x-seq";
+
 /** WebSocket close codes the page treats specially. */
 export const CLOSE_NORMAL = 1000;
 export const CLOSE_POLICY = 1008; // a wrong token (or a bad conversation id): never retried

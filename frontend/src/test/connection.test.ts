@@ -80,6 +80,22 @@ describe("Connection: the socket", () => {
     expect(last().sent.filter((e) => e.type === "input_audio_buffer.append")).toHaveLength(26);
   });
 
+  it("numbers every event it sends, from 1 on each new socket", () => {
+    const connection = makeConnection();
+    const s = connect(connection);
+    connection.send({ type: "input_audio_buffer.clear" });
+    connection.send({ type: "response.create" });
+    expect(s.seqs).toEqual([1, 2]);
+    s.drop(1006);
+    clock.advance(500);
+    const again = last();
+    again.open();
+    again.receive({ type: "session.created", session: {} });
+    connection.send({ type: "response.create" });
+    expect(again.seqs.at(-1)).toBe(again.seqs.length);
+    expect(again.seqs[0]).toBe(1);
+  });
+
   it("drops microphone audio while the socket is backed up", () => {
     const counters = { sent: {}, droppedAudioChunks: 0, connects: 0 };
     const connection = makeConnection({ counters });

@@ -2,6 +2,7 @@
 
 import type { SocketLike } from "../lib/connection";
 import { pcm16ToBase64 } from "../lib/pcm";
+import { SEQ_FIELD } from "../lib/protocol";
 import type { Player } from "../lib/turnTracker";
 
 export class FakeSocket implements SocketLike {
@@ -14,8 +15,12 @@ export class FakeSocket implements SocketLike {
   onclose: ((ev: CloseEvent) => unknown) | null = null;
   onerror: ((ev: Event) => unknown) | null = null;
   constructor(readonly url: string) {}
+  /** Each sent event's `x-seq`, kept apart so that `sent` holds the events as the client built them. */
+  seqs: unknown[] = [];
   send(data: string): void {
-    this.sent.push(JSON.parse(data));
+    const { [SEQ_FIELD]: seq, ...event } = JSON.parse(data);
+    this.seqs.push(seq);
+    this.sent.push(event);
   }
   close(code?: number, reason?: string): void {
     this.closedWith = { code, reason };

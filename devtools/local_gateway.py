@@ -1,7 +1,7 @@
 """A local stand-in for API Gateway's WebSocket API, running the real bridge handlers in-process.
 
     CSM_BRIDGE_TOKEN=B CSM_BRIDGE_CALLBACK_URL=http://127.0.0.1:8766/local \
-        python -m lambda_bridge.local_gateway --serve-url http://127.0.0.1:8000 --token SECRET --port 8765
+        python -m devtools.local_gateway --serve-url http://127.0.0.1:8000 --token SECRET --port 8765
 
 Browsers connect to `ws://127.0.0.1:8765/?token=SECRET`. The handlers present the bridge token to the
 ingress, and `@connections` is served where the ingress is configured to post (its port and stage are
@@ -12,7 +12,7 @@ taken from `CSM_BRIDGE_CALLBACK_URL`): run the ingress with the same two variabl
   messages up to 128 KB (over either: 1009), closes idle sockets (10 min) and old ones (2 h) with 1001;
 - invokes `$default` with each message, in an event shaped like API Gateway's (`requestContext`:
   routeKey, connectionId, eventType, domainName, stage, ...), and `$disconnect` when a socket ends;
-- serves `@connections` (POST, GET, DELETE) on a second port, where the unmodified boto3
+- serves `@connections` (POST, GET, DELETE; `devtools.connections_api`) on a second port, where the boto3
   `apigatewaymanagementapi` client posts: a message over 128 KB gets 413, an unknown connection 410
   `GoneException`; messages over 32 KB reach the browser in 32 KB fragments. Every request's SigV4
   signature is checked with botocore's signer against the gateway's known credentials
@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import os
 import random
@@ -39,10 +38,10 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -50,20 +49,23 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
-from devtools.sigv4 import SignatureRefused, verify
+from devtools.connections_api import (
+    FRAME_LIMIT,
+    MESSAGE_LIMIT,
+    Connection,
+    ConnectionsApi,
+    default_credentials,
+)
 from lambda_bridge import authorizer as authorizer_module
 from lambda_bridge import handlers
 from lambda_bridge import settings as settings_module
 
 log = logging.getLogger("local_gateway")  # not under "lambda_bridge": those lines are the Lambdas'
 
-FRAME_LIMIT = 32 * 1024
-MESSAGE_LIMIT = 128 * 1024
 IDLE_TIMEOUT_S = 10 * 60
 MAX_CONNECTION_S = 2 * 60 * 60
 API_ID = "local"
 Handler = Callable[[dict, object], dict]
-KNOWN_CREDENTIALS = {"testing": "testing"}  # access key -> secret: the stand-ins' convention (moto's too)
 UNAUTHORIZED: dict = {}  # what `_invoke` returns when a handler raised "Unauthorized" (compared by identity)
 
 
@@ -111,17 +113,6 @@ class _GatewayConnection(ServerConnection):
             self.loop.create_task(self.close(code, reason))
 
 
-@dataclass
-class _Connection:
-    id: str
-    socket: ServerConnection
-    connected_at: float = field(default_factory=time.time)
-    last_active: float = field(default_factory=time.time)
-    source_ip: str = "127.0.0.1"
-    user_agent: str = ""
-    authorizer: dict | None = None
-
-
 class LocalGateway:
     """API Gateway's WebSocket API and `@connections` endpoint on loopback; see the module docstring."""
 
@@ -151,7 +142,7 @@ class LocalGateway:
         self.token = token
         self.bridge_token = bridge_token  # the handlers' credential for the ingress (BRIDGE_TOKEN)
         self.routes = routes or Routes(authorizer=authorizer_module.handler if use_authorizer else None)
-        self.host, self.port, self.management_port = host, port, management_port
+        self.host, self.port = host, port
         self.stage = stage
         self.idle_timeout_s = idle_timeout_s
         self.max_connection_s = max_connection_s
@@ -159,18 +150,22 @@ class LocalGateway:
         self.forward_deadline_s = forward_deadline_s
         self.deliver_disconnect = deliver_disconnect  # False: a lost $disconnect, as API Gateway may do
         # Who may sign @connections requests: the given pairs, or the known ones and this process's own.
-        self.credentials = dict(credentials) if credentials is not None else _default_credentials()
-        self.connections: dict[str, _Connection] = {}
+        self.credentials = dict(credentials) if credentials is not None else default_credentials()
+        self.connections: dict[str, Connection] = {}
         self.invocations: list[tuple[str, dict]] = []  # (route, event): what the handlers were given
-        self.throttle_posts = 0  # the next N posts get 429 LimitExceededException
-        self.refused_signatures = 0  # @connections requests answered 403 for their signature
+        self.api = ConnectionsApi(
+            self.connections,
+            host=host,
+            port=management_port,
+            stage=stage,
+            credentials=self.credentials,
+            spawn=self._spawn,
+        )
         self.concurrent_delivery = concurrent_delivery
         self.delivery_jitter_s = delivery_jitter_s
         self._rng = random.Random(seed)
         self._ws: Server | None = None
-        self._http: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._management_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -178,11 +173,23 @@ class LocalGateway:
 
     @property
     def callback_url(self) -> str:
-        return f"http://{self.host}:{self.management_port}/{self.stage}"
+        return self.api.url
+
+    @property
+    def throttle_posts(self) -> int:
+        """The next N `@connections` posts get 429 LimitExceededException."""
+        return self.api.throttle_posts
+
+    @throttle_posts.setter
+    def throttle_posts(self, n: int) -> None:
+        self.api.throttle_posts = n
+
+    @property
+    def refused_signatures(self) -> int:
+        return self.api.refused_signatures
 
     async def start(self) -> None:
-        self._http = await asyncio.start_server(self._serve_management, self.host, self.management_port)
-        self.management_port = self._http.sockets[0].getsockname()[1]
+        await self.api.start()
         self._ws = await serve(
             self._serve_socket,
             self.host,
@@ -202,13 +209,7 @@ class LocalGateway:
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()
-        if self._http is not None:
-            self._http.close()
-            # Kept-alive @connections clients (the ingress's boto3 pool) must not be left talking to a
-            # gateway that is gone: another may take the same port, as the tests' fixed callback does.
-            for writer in list(self._management_writers):
-                writer.close()
-            await self._http.wait_closed()
+        await self.api.stop()
         for task in list(self._tasks):
             task.cancel()
 
@@ -331,7 +332,7 @@ class LocalGateway:
                 HTTPStatus(status) if status in HTTPStatus._value2member_map_ else HTTPStatus.BAD_GATEWAY
             )
         # Registered once the handshake completes: until then `@connections` answers 410, as in AWS.
-        socket.gateway_connection = _Connection(  # type: ignore[attr-defined]
+        socket.gateway_connection = Connection(  # type: ignore[attr-defined]
             connection_id,
             socket,
             source_ip=identity["sourceIp"],
@@ -341,7 +342,7 @@ class LocalGateway:
         return None
 
     async def _serve_socket(self, socket: ServerConnection) -> None:
-        connection: _Connection = socket.gateway_connection  # type: ignore[attr-defined]
+        connection: Connection = socket.gateway_connection  # type: ignore[attr-defined]
         connection_id = connection.id
         self.connections[connection_id] = connection
         status, reason = 1005, "client closed"
@@ -393,106 +394,9 @@ class LocalGateway:
                     "$disconnect", self.routes.disconnect, {"requestContext": context, "headers": {}}
                 )
 
-    # ---- @connections -----------------------------------------------------------------------------
-    async def _serve_management(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A small HTTP/1.1 server (kept-alive, Content-Length bodies) for the management API."""
-        self._management_writers.add(writer)
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    return
-                method, target, _ = line.decode("latin-1").split(" ", 2)
-                headers: dict[str, str] = {}
-                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = header.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                status, payload, extra = await self._management(method, target, headers, body)
-                head = [f"HTTP/1.1 {status.value} {status.phrase}", f"Content-Length: {len(payload)}"]
-                head += ["Content-Type: application/json", "Connection: keep-alive"]
-                head += [f"{k}: {v}" for k, v in extra.items()]
-                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
-        finally:
-            self._management_writers.discard(writer)
-            writer.close()
-
-    async def _management(
-        self, method: str, target: str, headers: dict[str, str], body: bytes
-    ) -> tuple[HTTPStatus, bytes, dict[str, str]]:
-        path = unquote(urlsplit(target).path)
-        prefix = f"/{self.stage}/@connections/"
-        if not path.startswith(prefix):
-            return _error(HTTPStatus.NOT_FOUND, "NotFoundException", f"no route {path}")
-        host = headers.get("host", f"{self.host}:{self.management_port}")
-        try:
-            verify(method, f"http://{host}{target}", headers, body, self.credentials, "execute-api")
-        except SignatureRefused as refused:
-            self.refused_signatures += 1
-            return _error(HTTPStatus.FORBIDDEN, refused.error_type, refused.message)
-        connection = self.connections.get(path[len(prefix) :])
-        if connection is None:
-            return _error(HTTPStatus.GONE, "GoneException", None)
-        if method == "GET":
-            info = {
-                "connectedAt": _iso(connection.connected_at),
-                "lastActiveAt": _iso(connection.last_active),
-                "identity": {"sourceIp": connection.source_ip, "userAgent": connection.user_agent},
-            }
-            return HTTPStatus.OK, json.dumps(info).encode(), {}
-        if method == "DELETE":
-            self._spawn(connection.socket.close(1000, ""))
-            return HTTPStatus.NO_CONTENT, b"", {}
-        if method != "POST":
-            return _error(HTTPStatus.METHOD_NOT_ALLOWED, "BadRequestException", method)
-        if len(body) > MESSAGE_LIMIT:
-            return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "PayloadTooLargeException", "Message too long")
-        if self.throttle_posts > 0:
-            self.throttle_posts -= 1
-            return _error(HTTPStatus.TOO_MANY_REQUESTS, "LimitExceededException", "Rate exceeded")
-        text = body.decode("utf-8", errors="replace")
-        try:
-            if len(body) > FRAME_LIMIT:  # API Gateway splits what it sends into 32 KB frames
-                await connection.socket.send(_fragments(text))
-            else:
-                await connection.socket.send(text)
-        except ConnectionClosed:
-            return _error(HTTPStatus.GONE, "GoneException", None)
-        return HTTPStatus.OK, b"", {}
-
-
-def _fragments(text: str) -> list[str]:
-    data, pieces, start = text.encode(), [], 0
-    while start < len(data):
-        end = min(start + FRAME_LIMIT, len(data))
-        while end < len(data) and (data[end] & 0xC0) == 0x80:  # never split a UTF-8 character
-            end -= 1
-        pieces.append(data[start:end].decode())
-        start = end
-    return pieces
-
-
-def _default_credentials() -> dict[str, str]:
-    known = dict(KNOWN_CREDENTIALS)
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        known[key] = secret
-    return known
-
 
 def _refuse(status: HTTPStatus) -> Response:
     return Response(status.value, status.phrase, Headers([("Content-Length", "0")]), b"")
-
-
-def _error(status: HTTPStatus, code: str, message: str | None) -> tuple[HTTPStatus, bytes, dict[str, str]]:
-    return status, json.dumps({"message": message}).encode(), {"x-amzn-ErrorType": code}
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 # Where `@connections` is served unless CSM_BRIDGE_CALLBACK_URL says otherwise.
@@ -522,15 +426,12 @@ def main() -> None:
         default=os.environ.get("CSM_BRIDGE_TOKEN"),
         help="the bridge's token for the ingress (default $CSM_BRIDGE_TOKEN; the ingress's must match)",
     )
-    parser.add_argument("--authorizer", action="store_true", help="check the token in the Lambda authorizer")
-    parser.add_argument(
-        "--concurrent-delivery",
-        action="store_true",
-        help="invoke $default for each message at once, with random delays, as API Gateway may",
-    )
     parser.add_argument(
         "--idle-timeout", type=float, default=IDLE_TIMEOUT_S, help="seconds (API Gateway: 600)"
     )
+    parser.add_argument("--authorizer", action="store_true", help="check the token in the Lambda authorizer")
+    delivery = "invoke $default for each message at once, with random delays, as API Gateway may"
+    parser.add_argument("--concurrent-delivery", action="store_true", help=delivery)
     args = parser.parse_args()
     if not args.bridge_token:
         parser.error("the ingress opens its bridge routes only to the bridge's token: set CSM_BRIDGE_TOKEN")

@@ -13,6 +13,7 @@ import numpy as np
 import websockets
 
 from csm.audio import SAMPLE_RATE, read_wav, to_mimi_rate
+from serve_app.protocol import SEQ_FIELD
 
 CHUNK = 1920  # 80 ms at 24 kHz
 
@@ -34,21 +35,26 @@ def speech(text: str, folder: Path, lead_s: float = 1.0, tail_s: float = 1.5) ->
 
 
 class Client:
-    def __init__(self, ws: websockets.ClientConnection) -> None:
+    """One conversation's socket. It numbers the events it sends (`x-seq`, as the page does), unless
+    `number` is False; `send_raw` sends a message as given."""
+
+    def __init__(self, ws: websockets.ClientConnection, number: bool = True) -> None:
         self.ws = ws
         self.events: list[dict] = []
+        self.number = number
+        self.sent = 0
 
     @classmethod
-    async def connect(cls, url: str, **query: str) -> Client:
+    async def connect(cls, url: str, *, number: bool = True, **query: str) -> Client:
         q = "&".join(f"{k}={v}" for k, v in query.items())
         ws = await websockets.connect(f"{url}?{q}" if q else url, max_size=2**22)
-        return cls(ws)
+        return cls(ws, number)
 
     @classmethod
-    async def open(cls, url: str, **query: str) -> tuple[Client, dict]:
+    async def open(cls, url: str, *, number: bool = True, **query: str) -> tuple[Client, dict]:
         """Connect and read the conversation's opening events: `session.created`, then `x-server.info`
         (returned: the voices, the random-weights flag, the conversation id, the replica)."""
-        client = await cls.connect(url, **query)
+        client = await cls.connect(url, number=number, **query)
         created = await client.recv()
         assert created["type"] == "session.created", created
         info = await client.recv()
@@ -56,6 +62,9 @@ class Client:
         return client, info
 
     async def send(self, type: str, **fields) -> None:
+        self.sent += 1
+        if self.number:
+            fields[SEQ_FIELD] = self.sent
         await self.ws.send(json.dumps({"type": type, **fields}))
 
     async def send_raw(self, data: str | bytes) -> None:
@@ -124,6 +133,13 @@ def assert_spoken_turn(events: list[dict]) -> None:
     assert not missing, f"missing {missing} in {types}"
     firsts = [types.index(name) for name in SPOKEN_TURN]
     assert firsts == sorted(firsts), f"out of order: {types}"
+
+
+def whole_reply(events: list[dict]) -> str:
+    """The reply's transcript, once its audio is checked whole: every frame its text allows, none lost."""
+    reply = of_type(events, "response.output_audio_transcript.done")[0]["transcript"]
+    assert audio_samples(events) == expected_frames(reply) * CHUNK, reply
+    return reply
 
 
 def of_type(events: list[dict], type: str) -> list[dict]:
