@@ -95,7 +95,8 @@ class ConversationIngress:
         self._random: bool | None = None
         self._cache: p.CacheBudget | None = None  # the generator's KV cache budget, with `_random`
         # Clients see an opaque tag of the ingress replica (for support and fault tests), not its name.
-        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        context = serve.get_replica_context()
+        replica = context.replica_id.to_full_id_str()
         self.replica = hashlib.sha256(replica.encode()).hexdigest()[:12]
         self._m_active = metrics.Gauge("csm_conversations_active", description="Open conversations.")
         self._m_turn = metrics.Histogram(
@@ -138,7 +139,6 @@ class ConversationIngress:
             streaming_asr=cfg.streaming_asr,
         )
         # A per-token limit is one for the app, whichever replica a conversation lands on.
-        context = serve.get_replica_context()
         cluster = None
         if cfg.max_conversations_per_token is not None:
             cluster = ClusterCounts(self.replica, scope=context.app_name)

@@ -136,19 +136,14 @@ class Session:
     async def receive(self, raw: str | bytes) -> None:
         """One client message: rate-limited, parsed, handed to the conversation in the client's order
         (`x-seq`, when it numbers its events); bad ones become `error` at once."""
-        if not self.rate.allow():
-            refused: p.ProtocolError | None = p.ProtocolError(
-                "rate_limited", f"over {self.inbound.events_per_second:g} events per second; event dropped"
+        try:
+            if not self.rate.allow():
+                rate = self.inbound.events_per_second
+                raise p.ProtocolError("rate_limited", f"over {rate:g} events per second; event dropped")
+            event = p.parse_client_event(
+                raw, self.inbound.max_message_bytes, max_audio_bytes=self.inbound.max_audio_bytes
             )
-        else:
-            try:
-                event = p.parse_client_event(
-                    raw, self.inbound.max_message_bytes, max_audio_bytes=self.inbound.max_audio_bytes
-                )
-                refused = None
-            except p.ProtocolError as e:
-                refused = e
-        if refused is not None:
+        except p.ProtocolError as refused:
             self.conversation.report(refused)
             # The events after it need not wait for it (a message too large is not read at all).
             if refused.code != "message_too_large" and (seq := p.sequence_number(raw)) is not None:
@@ -184,7 +179,7 @@ class Sessions:
         self.per_principal_limit = cfg.max_conversations_per_token
         self.cluster = cluster if self.per_principal_limit is not None else None
         # This replica's places per principal (what it tells the cluster's count).
-        self.per_principal: Counter[str] = cluster.held if cluster is not None else Counter()
+        self.per_principal: Counter[str] = self.cluster.held if self.cluster is not None else Counter()
         self._background: set[asyncio.Task] = set()
         self.inbound = _Inbound(
             cfg.events_per_second,
