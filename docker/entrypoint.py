@@ -1,8 +1,9 @@
 """The container's entry point: `entrypoint.py head` or `entrypoint.py worker` (see Dockerfile.gpu).
 
-- `head` starts the Ray head (GCS, dashboard on loopback only) and the CloudWatch publisher
-  (`serve_app.cloudwatch_metrics`) that the worker service scales on, waits for the weights to be on
-  EFS, then `serve deploy`s `serve_config.yaml` with the production overrides of
+- `head` starts the Ray head (GCS, dashboard on loopback only), the CloudWatch publisher
+  (`serve_app.cloudwatch_metrics`) that the worker service scales on and, when `CSM_DRAIN_QUEUE_URL`
+  names the Spot notices' queue, the drain handler (`serve_app.node_drain`), waits for the weights to be
+  on EFS, then `serve deploy`s `serve_config.yaml` with the production overrides of
   `serve_config.prod.yaml` merged in.
 - `worker` waits until the head answers, then joins it (`ray start --address`).
 
@@ -106,6 +107,10 @@ def ray_start_args(role: str, ports: Ports, env: dict[str, str]) -> list[str]:
         ("--num-gpus", "CSM_RAY_NUM_GPUS"),
         ("--object-store-memory", "CSM_RAY_OBJECT_STORE_BYTES"),
         ("--temp-dir", "CSM_RAY_TEMP_DIR"),
+        # Neither is needed on ECS (Ray finds the task's address; a GPU is a GPU); tests use them to run
+        # several nodes on one machine, each with an address and a placement of its own.
+        ("--node-ip-address", "CSM_RAY_NODE_IP"),
+        ("--resources", "CSM_RAY_RESOURCES"),
     ):
         if env.get(variable):
             args.append(f"{option}={env[variable]}")
@@ -234,31 +239,39 @@ def serve_deploy(config: dict, ports: Ports, env: dict[str, str], workdir: Path)
     return result.returncode == 0
 
 
-def start_publisher(ports: Ports, env: dict[str, str]) -> subprocess.Popen | None:
-    """The CloudWatch publisher, when `CSM_METRICS_NAMESPACE` names where to publish."""
-    if not env.get("CSM_METRICS_NAMESPACE"):
+def start_sidecars(ports: Ports, env: dict[str, str]) -> list[subprocess.Popen]:
+    """The head's helpers, each when configured: the CloudWatch publisher (`CSM_METRICS_NAMESPACE` names
+    where to publish) and the Spot drain handler (`CSM_DRAIN_QUEUE_URL` names the notices' queue)."""
+    started = []
+    if env.get("CSM_METRICS_NAMESPACE"):
+        discovery = Path(env.get("CSM_RAY_TEMP_DIR", "/tmp/ray")) / "prom_metrics_service_discovery.json"
+        started.append(
+            _python_module("serve_app.cloudwatch_metrics", ["--discovery-file", str(discovery)], env)
+        )
+    else:
         log.info("CSM_METRICS_NAMESPACE is not set: no CloudWatch metrics")
-        return None
-    temp_dir = env.get("CSM_RAY_TEMP_DIR", "/tmp/ray")
-    args = [
-        sys.executable,
-        "-m",
-        "serve_app.cloudwatch_metrics",
-        "--discovery-file",
-        str(Path(temp_dir) / "prom_metrics_service_discovery.json"),
-    ]
-    return subprocess.Popen(args, env=env)
+    if env.get("CSM_DRAIN_QUEUE_URL"):
+        started.append(
+            _python_module("serve_app.node_drain", ["--gcs-address", f"127.0.0.1:{ports.gcs}"], env)
+        )
+    else:
+        log.info("CSM_DRAIN_QUEUE_URL is not set: no Spot drain handler")
+    return started
+
+
+def _python_module(module: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=APP_ROOT)
 
 
 # ---- the two roles -----------------------------------------------------------------------------------------
 def run_head(env: dict[str, str], ports: Ports, workdir: Path) -> int:
     config = production_config(env, ports)  # fail before starting anything if the config is broken
     ray = RaySession(ray_start_args("head", ports, env), env)
-    publisher = None
+    sidecars: list[subprocess.Popen] = []
     try:
         gcs_health = f"http://127.0.0.1:{ports.dashboard}/api/gcs_healthz"
         wait_for("the Ray head", lambda: http_ok(gcs_health), 300, alive=ray.alive)
-        publisher = start_publisher(ports, env)  # from now on: the alarms watch for its metrics
+        sidecars = start_sidecars(ports, env)  # from now on: the alarms watch for the publisher's metrics
         if not weights_present(env):
             log.warning("waiting for weights: %s/config.json is not there yet", env["MODEL_PATH"])
         wait_for("the weights", lambda: weights_present(env), float("inf"), every_s=30, alive=ray.alive)
@@ -266,10 +279,11 @@ def run_head(env: dict[str, str], ports: Ports, workdir: Path) -> int:
         log.info("Serve config submitted; the app comes up as its replicas start")
         return ray.process.wait()
     finally:
-        if publisher is not None:
-            publisher.terminate()
+        for sidecar in sidecars:
+            sidecar.terminate()
+        for sidecar in sidecars:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                publisher.wait(5)
+                sidecar.wait(5)
         ray.stop()
 
 

@@ -4,7 +4,8 @@
  *
  * Projects pick the realtime endpoint through the `endpoint`/`token` options (e2e/fixtures.ts):
  * "direct" leaves it unset, so the page talks to the Serve app's own /v1/realtime; "gateway" runs the
- * conversation spec through the API Gateway emulator (devtools.local_gateway, started by e2e/app.ts).
+ * conversation spec through the API Gateway emulator (devtools.local_gateway, started by e2e/app.ts);
+ * "sign-in" signs in with the Cognito stand-in (devtools.local_oidc) and talks through the gateway.
  */
 import { defineConfig } from "@playwright/test";
 import { APP_TOKEN, ports, serveUrl } from "./e2e/app";
@@ -46,12 +47,14 @@ export default defineConfig<TestOptions, WorkerOptions>({
     trace: "retain-on-failure",
   },
   projects: [
-    { name: "direct" },
+    { name: "direct", testIgnore: /sign-in\.spec\.ts/ },
     // The same conversation through the AWS path: API Gateway emulator → Lambda handlers → Serve → @connections.
     {
       name: "gateway",
       testMatch: /conversation\.spec\.ts/,
       use: { endpoint: `ws://127.0.0.1:${ports.gateway}/`, token: APP_TOKEN },
     },
+    // Its config.json (served by the spec) names the gateway and the user pool; no shared token.
+    { name: "sign-in", testMatch: /sign-in\.spec\.ts/ },
   ],
 });

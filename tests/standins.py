@@ -1,10 +1,11 @@
 """Local servers standing in for what cannot be reached here, spoken to by the real clients (boto3,
 the bridge's http.client, the Responder's httpx): AWS JSON APIs (Secrets Manager, SSM, a Cognito JWKS
-document), an ingress whose behaviour a test chooses (down, slow, forgetful) for the bridge's failure
+document; ECS and SQS as the Spot drain handler uses them), an ingress whose behaviour a test chooses (down, slow, forgetful) for the bridge's failure
 paths, and an OpenAI-compatible chat server that can be slow or broken."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -122,3 +123,110 @@ class FakeLLM:
             events.append({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
         stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
         return 200, {"Content-Type": "text/event-stream"}, stream.encode()
+
+
+class SpotCluster:
+    """ECS and SQS as the Spot drain handler (serve_app/node_drain.py) sees them: the cluster's container
+    instances and their tasks' awsvpc addresses, and the notices' queue (AWS JSON 1.1 and 1.0). Every
+    request's SigV4 signature is checked against `credentials`, as AWS does; a bad one gets 403.
+
+    `instances` maps an EC2 instance id to its tasks' addresses; `send(body)` queues a message;
+    `deleted` lists the bodies of the messages deleted."""
+
+    def __init__(self, cluster: str, instances: dict[str, list[str]], credentials: dict[str, str]) -> None:
+        self.cluster, self.instances, self.credentials = cluster, instances, credentials
+        self.queue: list[tuple[str, str]] = []  # (receipt handle, body), visible
+        self.in_flight: dict[str, str] = {}
+        self.deleted: list[str] = []
+        self.calls: list[str] = []
+        self._lock = threading.Condition()
+
+    def send(self, body: str) -> None:
+        with self._lock:
+            self.queue.append((f"rh-{len(self.deleted) + len(self.queue) + len(self.in_flight)}", body))
+            self._lock.notify_all()
+
+    def __call__(self, method: str, path: str, headers: dict[str, str], body: bytes):
+        from devtools.sigv4 import SignatureRefused, verify
+
+        lower = {k.lower(): v for k, v in headers.items()}
+        target = lower.get("x-amz-target", "")
+        service = "sqs" if target.startswith("AmazonSQS.") else "ecs"
+        kind = "application/x-amz-json-1.0" if service == "sqs" else "application/x-amz-json-1.1"
+        try:
+            verify(method, f"http://{lower.get('host', '')}{path}", lower, body, self.credentials, service)
+        except SignatureRefused as refused:
+            return self._error(403, refused.error_type, refused.message, kind)
+        operation = target.rpartition(".")[2]
+        with self._lock:
+            self.calls.append(operation)
+        request = json.loads(body or b"{}")
+        if service == "ecs" and request.get("cluster") != self.cluster:
+            return self._error(400, "ClusterNotFoundException", "Cluster not found.", kind)
+        handler = getattr(self, f"_{operation}", None)
+        if handler is None:
+            return self._error(400, "InvalidAction", f"no action {target!r}", kind)
+        return 200, {"Content-Type": kind}, json.dumps(handler(request)).encode()
+
+    def _error(self, status: int, error_type: str, message: str, kind: str):
+        payload = json.dumps({"__type": error_type, "message": message}).encode()
+        return status, {"Content-Type": kind, "x-amzn-ErrorType": error_type}, payload
+
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:ecs:us-east-1:000000000000:{kind}/{self.cluster}/{name}"
+
+    def _ListContainerInstances(self, request: dict) -> dict:
+        wanted = request.get("filter", "").partition("==")[2].strip()
+        return {
+            "containerInstanceArns": [
+                self._arn("container-instance", i) for i in self.instances if i == wanted
+            ]
+        }
+
+    def _ListTasks(self, request: dict) -> dict:
+        instance = request["containerInstance"].rpartition("/")[2]
+        addresses = self.instances.get(instance, [])
+        return {"taskArns": [self._arn("task", f"{instance}-{n}") for n in range(len(addresses))]}
+
+    def _DescribeTasks(self, request: dict) -> dict:
+        tasks = []
+        for arn in request["tasks"]:
+            instance, _, n = arn.rpartition("/")[2].rpartition("-")
+            details = [{"name": "privateIPv4Address", "value": self.instances[instance][int(n)]}]
+            tasks.append(
+                {"taskArn": arn, "attachments": [{"type": "ElasticNetworkInterface", "details": details}]}
+            )
+        return {"tasks": tasks, "failures": []}
+
+    def _ReceiveMessage(self, request: dict) -> dict:
+        with self._lock:
+            # Long polling, shortened: a test need not wait 20 s to see an empty queue.
+            self._lock.wait_for(
+                lambda: self.queue, timeout=min(float(request.get("WaitTimeSeconds", 0)), 1.0)
+            )
+            taken = self.queue[: int(request.get("MaxNumberOfMessages", 1))]
+            del self.queue[: len(taken)]
+            self.in_flight.update(taken)
+        return {
+            "Messages": [
+                {
+                    "MessageId": handle,
+                    "ReceiptHandle": handle,
+                    "Body": body,
+                    "MD5OfBody": hashlib.md5(body.encode()).hexdigest(),
+                }
+                for handle, body in taken
+            ]
+        }
+
+    def _DeleteMessage(self, request: dict) -> dict:
+        with self._lock:
+            self.deleted.append(self.in_flight.pop(request["ReceiptHandle"]))
+        return {}
+
+    def release(self) -> None:
+        """What SQS does when a message's visibility timeout ends: the undeleted are handed out again."""
+        with self._lock:
+            self.queue += list(self.in_flight.items())
+            self.in_flight.clear()
+            self._lock.notify_all()

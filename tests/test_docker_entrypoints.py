@@ -11,17 +11,13 @@ Ray instance on the machine; whatever of ours is left at the end is killed by pr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +30,9 @@ VENV_BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(ROOT / "docker"))
 import entrypoint  # noqa: E402  (docker/ is a folder of scripts, not a package)
+
+from tests import local_ray  # noqa: E402
+from tests.local_ray import Nodes, free_ports, node_env, ready, wait_gone  # noqa: E402
 
 sys.path.remove(str(ROOT / "docker"))
 
@@ -104,81 +103,6 @@ def test_the_head_waits_for_weights_on_efs(tmp_path):
 
 
 # ---- the real thing, on CPU ----------------------------------------------------------------------------
-PORT_NAMES = (
-    "gcs",
-    "dashboard",
-    "client_server",
-    "node_manager",
-    "object_manager",
-    "metrics_export",
-    "dashboard_agent_listen",
-    "dashboard_agent_grpc",
-    "runtime_env_agent",
-    "serve_http",
-)
-NODE_PORT_NAMES = PORT_NAMES[3:9]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def port_env(names: tuple[str, ...], ports: list[int]) -> dict[str, str]:
-    env = {f"CSM_RAY_{name.upper()}_PORT": str(port) for name, port in zip(names, ports, strict=True)}
-    env["CSM_RAY_MIN_WORKER_PORT"] = env["CSM_RAY_MAX_WORKER_PORT"] = "0"  # Ray picks free ones
-    return env
-
-
-def descendants(pid: int) -> set[int]:
-    """`pid` and every process below it (Ray's workers start sessions of their own, so process
-    groups do not find them; parenthood does)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        found.add(current)
-        todo += children.get(current, [])
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(what: str, check, timeout_s: float, processes: list[subprocess.Popen], logs: list[Path]):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        for process, log in zip(processes, logs, strict=True):
-            if process.poll() is not None:
-                pytest.fail(
-                    f"{what}: {log.name} exited with {process.returncode}:\n{log.read_text()[-4000:]}"
-                )
-        time.sleep(1)
-    tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
-
-
 def published(log: Path) -> list[dict]:
     """The publisher's dry-run lines: {metric name: value} per interval."""
     readings = []
@@ -191,101 +115,44 @@ def published(log: Path) -> list[dict]:
 
 def test_head_and_worker_entry_points_run_a_cluster_on_cpu():
     temp = Path(tempfile.mkdtemp(prefix="csmray", dir="/tmp"))  # short: Ray's socket paths have a limit
-    head_ports = free_ports(len(PORT_NAMES))
-    worker_ports = free_ports(len(NODE_PORT_NAMES))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CSM_", "MODEL_", "MIMI_"))}
-    base.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        CSM_DEVICE="cpu",
-        CSM_RAY_TEMP_DIR=str(temp),
-        CSM_RAY_NUM_GPUS="0",
-        CSM_RAY_OBJECT_STORE_BYTES=str(200 * 1024**2),
-        CSM_STOP_GRACE_S="15",
-        HISTORY_DIR=str(temp / "history"),
-        CSM_TOKEN=secrets.token_hex(16),  # the task's secret, as ECS injects it: no token, no ingress
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(32),
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",  # production drains for 30 s; nothing to drain here
-    )
+    base = {**node_env(temp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head_env = {
-        **base,
-        **port_env(PORT_NAMES, head_ports),
+        **local_ray.head_env(base),
         "CSM_RAY_NUM_CPUS": "4",
-        "SERVE_HTTP_HOST": "127.0.0.1",
         "CSM_METRICS_NAMESPACE": "CSM/Test",
         "CSM_METRICS_DRY_RUN": "1",
         "CSM_METRICS_INTERVAL_S": "2",
     }
-    worker_env = {
-        **base,
-        **port_env(NODE_PORT_NAMES, worker_ports),
-        "CSM_RAY_NUM_CPUS": "1",
-        "CSM_RAY_HEAD": f"127.0.0.1:{head_env['CSM_RAY_GCS_PORT']}",
-    }
-    head_log, worker_log = temp / "head.log", temp / "worker.log"
-    started: list[subprocess.Popen] = []
-    seen: set[int] = set()
+    worker_env = {**local_ray.worker_env(base, head_env), "CSM_RAY_NUM_CPUS": "1"}
     try:
-        with head_log.open("w") as h, worker_log.open("w") as w:
-            head = subprocess.Popen(
-                [sys.executable, str(ENTRYPOINT), "head"], env=head_env, stdout=h, stderr=subprocess.STDOUT
+        with Nodes(temp) as nodes:
+            head = nodes.start("head", head_env)
+            worker = nodes.start("worker", worker_env)  # at once, as ECS would: it waits for the head
+            url = f"http://127.0.0.1:{head_env['CSM_RAY_SERVE_HTTP_PORT']}"
+            body = nodes.wait_until("/readyz", lambda: ready(url), 300)
+            assert body["random_weights"] is True  # no MODEL_PATH: the tiny preset, said loudly
+            assert httpx.get(f"{url}/healthz", timeout=10).json() == {"ok": True}
+
+            head_log = temp / "head.log"
+            readings = nodes.wait_until(
+                "the publisher to count both nodes",
+                lambda: [r for r in published(head_log) if r["Nodes"] == 2],
+                90,
             )
-            started.append(head)
-            # Started at once, as ECS would: the worker waits until the head answers.
-            worker = subprocess.Popen(
-                [sys.executable, str(ENTRYPOINT), "worker"],
-                env=worker_env,
-                stdout=w,
-                stderr=subprocess.STDOUT,
+            assert {"OngoingRequests", "OngoingRequestsPerNode", "QueuedRequests", "Conversations"} <= set(
+                readings[-1]
             )
-            started.append(worker)
-        logs = [head_log, worker_log]
-        url = f"http://127.0.0.1:{head_env['CSM_RAY_SERVE_HTTP_PORT']}"
 
-        def ready():
-            with contextlib.suppress(httpx.HTTPError):
-                response = httpx.get(f"{url}/readyz", timeout=15)
-                if response.status_code == 200 and response.json().get("ready"):
-                    return response.json()
-            return None
+            for env, args in ((head_env, ["--head"]), (worker_env, [])):
+                check = subprocess.run(
+                    [sys.executable, str(HEALTHCHECK), *args], env=env, capture_output=True, timeout=30
+                )
+                assert check.returncode == 0, check.stderr.decode()
 
-        body = wait_until("/readyz", ready, 300, started, logs)
-        assert body["random_weights"] is True  # no MODEL_PATH: the tiny preset, said loudly
-        assert httpx.get(f"{url}/healthz", timeout=10).json() == {"ok": True}
-
-        readings = wait_until(
-            "the publisher to count both nodes",
-            lambda: [r for r in published(head_log) if r["Nodes"] == 2],
-            90,
-            started,
-            logs,
-        )
-        assert {"OngoingRequests", "OngoingRequestsPerNode", "QueuedRequests", "Conversations"} <= set(
-            readings[-1]
-        )
-
-        for env, args in ((head_env, ["--head"]), (worker_env, [])):
-            check = subprocess.run(
-                [sys.executable, str(HEALTHCHECK), *args], env=env, capture_output=True, timeout=30
-            )
-            assert check.returncode == 0, check.stderr.decode()
-
-        for process in (worker, head):
-            seen |= descendants(process.pid)
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(90) == 0, (head_log if process is head else worker_log).read_text()[-3000:]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(alive(pid) for pid in seen):
-            time.sleep(0.5)
-        assert not [pid for pid in seen if alive(pid)], "Ray processes outlived their entry point"
+            for process in (worker, head):
+                assert nodes.stop(process) == 0, nodes.tails()
+            assert not wait_gone(nodes.seen), "Ray processes outlived their entry point"
     finally:
-        for process in started:
-            seen |= descendants(process.pid)
-        for pid in seen:
-            with contextlib.suppress(ProcessLookupError):
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 

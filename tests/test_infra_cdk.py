@@ -1,6 +1,7 @@
 """The CDK app (infra_cdk/): synthesized once for the module, offline and without AWS credentials,
 then one test per concern on the templates (`aws_cdk.assertions.Template`), cdk-nag's AwsSolutions
-checks and cfn-lint over every template.
+checks and cfn-lint over every template. A second synthesis, in-process only, has the `cognito` switch
+on (the CsmAuth stack, the authorizer's Cognito settings, the page's sign-in config).
 
 `cdk synth` itself (the CLI from infra_cdk/node_modules, or `python app.py` as the CLI would run it
 when the CLI is not installed) runs in a subprocess with no credentials and no AWS configuration, in
@@ -30,7 +31,18 @@ from aws_cdk.assertions import Match, Template
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra_cdk"
 CDK_CLI = INFRA / "node_modules" / ".bin" / "cdk"
-STACKS = ("CsmRegistry", "CsmNetwork", "CsmStorage", "CsmApi", "CsmCluster", "CsmFrontend", "CsmMonitoring")
+# In deploy order (app.py's docstring); CsmAuth only with `cognito` on.
+STACKS = (
+    "CsmRegistry",
+    "CsmNetwork",
+    "CsmStorage",
+    "CsmFrontend",
+    "CsmApi",
+    "CsmCluster",
+    "CsmPage",
+    "CsmMonitoring",
+)
+COGNITO_STACKS = (*STACKS[:4], "CsmAuth", *STACKS[4:])
 GPU_AMI_PARAMETER = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
 
 sys.path.insert(0, str(INFRA))  # the app's own layout: `python3 app.py` runs from infra_cdk/
@@ -98,20 +110,29 @@ class Synthesized:
         return found
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Synthesized:
-    work = tmp_path_factory.mktemp("cdk")
-    page = work / "page"
+def write_page(page: Path) -> Path:
     (page / "assets").mkdir(parents=True)
     (page / "index.html").write_text('<!doctype html><script src="/assets/app.js"></script>')
     (page / "assets" / "app.js").write_text("console.log('page')")
+    return page
+
+
+def synthesize_in_process(context: dict, outdir: Path) -> tuple[cdk.App, dict[str, cdk.Stack]]:
+    app = cdk.App(context=cdk_json_context() | context, outdir=str(outdir))
+    stacks = load_app_module().compose(app)
+    app.synth()  # cdk-nag runs here: an unacknowledged finding fails the synthesis
+    return app, stacks
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Synthesized:
+    work = tmp_path_factory.mktemp("cdk")
+    page = write_page(work / "page")
     home = work / "home"
     home.mkdir()
     cli = start_cli_synth(work / "cli.out", page, home)
     try:
-        app = cdk.App(context=cdk_json_context() | {"frontend_dist": str(page)}, outdir=str(work / "app.out"))
-        stacks = load_app_module().compose(app)
-        app.synth()  # cdk-nag runs here: an unacknowledged finding fails the synthesis
+        app, stacks = synthesize_in_process({"frontend_dist": str(page)}, work / "app.out")
         templates = {name: Template.from_stack(stack) for name, stack in stacks.items()}
         output, _ = cli.communicate(timeout=300)
     finally:
@@ -126,6 +147,36 @@ def synth(tmp_path_factory) -> Synthesized:
         cli.returncode,
         output.decode(errors="replace"),
     )
+
+
+@pytest.fixture(scope="module")
+def cognito_synth(tmp_path_factory) -> Synthesized:
+    """The same app with `-c cognito=true` (in-process only: its templates are the assembly's)."""
+    work = tmp_path_factory.mktemp("cdk-cognito")
+    page = write_page(work / "page")
+    app, stacks = synthesize_in_process({"frontend_dist": str(page), "cognito": "true"}, work / "app.out")
+    templates = {name: Template.from_stack(stack) for name, stack in stacks.items()}
+    return Synthesized(app, stacks, templates, work / "app.out", work / "app.out", 0, "")
+
+
+def exported_value(synth: Synthesized, import_: dict) -> object:
+    """What a same-region `Fn::ImportValue` resolves to: the exporting stack's output value."""
+    name = import_["Fn::ImportValue"]
+    producer = name.split(":", 1)[0]
+    for output in synth.templates[producer].to_json().get("Outputs", {}).values():
+        if output.get("Export", {}).get("Name") == name:
+            return output["Value"]
+    raise AssertionError(f"no export {name} in {producer}")
+
+
+def container_environment(template: Template, family: str) -> dict[str, object]:
+    (task,) = [
+        t
+        for t in template.find_resources("AWS::ECS::TaskDefinition").values()
+        if t["Properties"].get("Family") == family
+    ]
+    (container,) = task["Properties"]["ContainerDefinitions"]
+    return {e["Name"]: e["Value"] for e in container["Environment"]}
 
 
 # ---- done-when 1: offline synthesis ----------------------------------------------------------------------
@@ -149,6 +200,32 @@ def test_context_values_have_documented_defaults():
         Settings.from_context(cdk.App(context={"min_nodes": 3, "max_nodes": 2}).node)
     with pytest.raises(ValueError, match="certificate_arn"):
         Settings.from_context(cdk.App(context={"domain_name": "voice.example.com"}).node)
+    spot = Settings.from_context(
+        cdk.App(context={"instance_types": "g5.xlarge", "on_demand_nodes": "1"}).node
+    )
+    assert spot.instance_types == ["g5.xlarge"] and spot.on_demand_nodes == 1
+    for bad, match in (
+        ({"on_demand_nodes": 0}, "on_demand_nodes"),  # the head must have an on-demand node
+        ({"instance_types": []}, "instance_types"),
+        ({"instance_types": ["g4dn.xlarge", "g4dn.xlarge"]}, "twice"),
+        ({"instance_types": ["g4dn xlarge"]}, "instance type"),
+        ({"instance_type": "g4dn.xlarge"}, "instance_types"),  # the old name is not silently ignored
+        ({"cognito_domain_prefix": "my-cognito-login"}, "cognito_domain_prefix"),
+        ({"cognito_domain_prefix": "Voice"}, "cognito_domain_prefix"),
+        ({"cognito_callback_urls": ["http://voice.example.com/"]}, "cognito_callback_urls"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Settings.from_context(cdk.App(context=bad).node)
+    cognito = Settings.from_context(
+        cdk.App(
+            context={
+                "cognito": "true",
+                "cognito_callback_urls": "http://localhost:5173/,https://dev.example.com/",
+            }
+        ).node
+    )
+    assert cognito.cognito and not cognito.cognito_self_sign_up
+    assert cognito.cognito_callback_urls == ["http://localhost:5173/", "https://dev.example.com/"]
 
 
 # ---- done-when 2: one test per concern -------------------------------------------------------------------
@@ -201,7 +278,7 @@ def test_gpu_instances_use_the_gpu_ami_imdsv2_and_encrypted_ebs(synth):
         {
             "LaunchTemplateData": Match.object_like(
                 {
-                    "InstanceType": "g4dn.xlarge",
+                    "InstanceType": Match.absent(),  # the group's overrides name the types
                     "ImageId": {"Ref": Match.string_like_regexp("gpurecommendedimageid")},
                     "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1},
                     "BlockDeviceMappings": [
@@ -225,6 +302,7 @@ def test_gpu_instances_use_the_gpu_ami_imdsv2_and_encrypted_ebs(synth):
                 {
                     "ManagedScaling": Match.object_like({"Status": "ENABLED"}),
                     "ManagedTerminationProtection": "ENABLED",
+                    "ManagedDraining": "ENABLED",
                 }
             )
         },
@@ -232,6 +310,153 @@ def test_gpu_instances_use_the_gpu_ami_imdsv2_and_encrypted_ebs(synth):
     cluster.has_resource_properties(
         "AWS::ECS::Cluster", {"ClusterSettings": [{"Name": "containerInsights", "Value": "enabled"}]}
     )
+
+
+def test_gpu_group_is_on_demand_for_the_first_nodes_and_spot_above(synth):
+    cluster = synth.templates["CsmCluster"]
+    (group,) = cluster.find_resources("AWS::AutoScaling::AutoScalingGroup").values()
+    props = group["Properties"]
+    assert "LaunchTemplate" not in props  # the mixed-instances policy holds it
+    policy = props["MixedInstancesPolicy"]
+    assert policy["InstancesDistribution"] == {
+        "OnDemandBaseCapacity": 2,
+        "OnDemandPercentageAboveBaseCapacity": 0,
+        "OnDemandAllocationStrategy": "prioritized",
+        "SpotAllocationStrategy": "price-capacity-optimized",
+    }
+    assert policy["LaunchTemplate"]["Overrides"] == [
+        {"InstanceType": "g4dn.xlarge"},
+        {"InstanceType": "g4dn.2xlarge"},
+    ]
+    (template_id,) = cluster.find_resources("AWS::EC2::LaunchTemplate")
+    assert policy["LaunchTemplate"]["LaunchTemplateSpecification"]["LaunchTemplateId"] == {"Ref": template_id}
+    assert props["CapacityRebalance"] is True
+    # The user data: the ECS agent drains on a Spot notice, and the lifecycle attribute the head's placement
+    # needs is written (the commands test_instance_user_data_records_its_lifecycle... runs).
+    from csm_infra.capacity import lifecycle_commands
+
+    data = cluster.find_resources("AWS::EC2::LaunchTemplate")[template_id]["Properties"]["LaunchTemplateData"]
+    script = "".join(part for part in data["UserData"]["Fn::Base64"]["Fn::Join"][1] if isinstance(part, str))
+    lines = script.splitlines()
+    assert "echo ECS_ENABLE_SPOT_INSTANCE_DRAINING=true >> /etc/ecs/ecs.config" in lines
+    commands = lifecycle_commands()
+    assert lines[lines.index(commands[0]) :][: len(commands)] == commands
+
+
+@pytest.mark.parametrize(
+    ("imds_answer", "expected"),
+    [("on-demand", "on-demand"), ("spot", "spot"), (None, "spot")],  # no answer: never the head's
+)
+def test_instance_user_data_records_its_lifecycle_as_an_ecs_attribute(tmp_path, imds_answer, expected):
+    """The user data's lifecycle commands, run here with a stand-in for curl that plays IMDSv2."""
+    from csm_infra.capacity import lifecycle_commands
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer = f'printf %s "{imds_answer}"' if imds_answer else "exit 22"
+    (bin_dir / "curl").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        '  *"-X PUT"*api/token*) printf token ;;\n'
+        f'  *"X-aws-ec2-metadata-token: token"*meta-data/instance-life-cycle*) {answer} ;;\n'
+        "  *) exit 22 ;;\n"
+        "esac\n"
+    )
+    (bin_dir / "curl").chmod(0o755)
+    config = tmp_path / "ecs.config"
+    config.write_text("ECS_ENABLE_GPU_SUPPORT=true\n")
+    script = "\n".join(lifecycle_commands(str(config)))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = config.read_text().splitlines()
+    assert lines[0] == "ECS_ENABLE_GPU_SUPPORT=true"
+    name, _, value = lines[1].partition("=")
+    assert name == "ECS_INSTANCE_ATTRIBUTES" and json.loads(value) == {"csm.lifecycle": expected}
+
+
+def test_the_ray_head_is_placed_on_on_demand_instances_only(synth):
+    cluster = synth.templates["CsmCluster"]
+    services = {
+        s["Properties"]["ServiceName"]: s["Properties"]
+        for s in cluster.find_resources("AWS::ECS::Service").values()
+    }
+    assert services["ray-head"]["PlacementConstraints"] == [
+        {"Type": "memberOf", "Expression": "attribute:csm.lifecycle == on-demand"}
+    ]
+    assert "PlacementConstraints" not in services["ray-worker"]  # workers may run on Spot
+
+
+def test_spot_notices_reach_a_queue_the_head_drains(synth):
+    cluster = synth.templates["CsmCluster"]
+    queues = cluster.find_resources("AWS::SQS::Queue")
+    (queue_id,) = [k for k, q in queues.items() if "RedrivePolicy" in q["Properties"]]
+    (dlq_id,) = [k for k in queues if k != queue_id]
+    queue = queues[queue_id]["Properties"]
+    assert queue["SqsManagedSseEnabled"] is True and queues[dlq_id]["Properties"]["SqsManagedSseEnabled"]
+    assert queue["MessageRetentionPeriod"] <= 3600  # a notice is stale within minutes
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": [dlq_id, "Arn"]}
+    for policy in cluster.find_resources("AWS::SQS::QueuePolicy").values():
+        assert any(
+            s["Effect"] == "Deny" and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+            for s in policy["Properties"]["PolicyDocument"]["Statement"]
+        )
+    (rule,) = cluster.find_resources("AWS::Events::Rule").values()
+    assert rule["Properties"]["EventPattern"] == {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"],
+    }
+    (target,) = rule["Properties"]["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": [dlq_id, "Arn"]}
+    head = container_environment(cluster, "csm-ray-head")
+    assert head["CSM_DRAIN_QUEUE_URL"] == {"Ref": queue_id}
+    assert head["CSM_CLUSTER_NAME"] == "csm-voice" and head["AWS_REGION"] == "us-east-1"
+    assert head["AWS_DEFAULT_REGION"] == "us-east-1"  # the one botocore reads
+    assert "CSM_DRAIN_QUEUE_URL" not in container_environment(cluster, "csm-ray-worker")
+
+
+def _task_role_statements(template: Template, family: str) -> list[dict]:
+    (task,) = [
+        t
+        for t in template.find_resources("AWS::ECS::TaskDefinition").values()
+        if t["Properties"].get("Family") == family
+    ]
+    role = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+    return [
+        statement
+        for policy in template.find_resources("AWS::IAM::Policy").values()
+        if {"Ref": role} in policy["Properties"]["Roles"]
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+    ]
+
+
+def test_only_the_heads_role_may_read_notices_and_the_clusters_tasks(synth):
+    cluster = synth.templates["CsmCluster"]
+    (queue_id,) = [
+        k for k, q in cluster.find_resources("AWS::SQS::Queue").items() if "RedrivePolicy" in q["Properties"]
+    ]
+    (cluster_id,) = cluster.find_resources("AWS::ECS::Cluster")
+    cluster_arn = {"Fn::GetAtt": [cluster_id, "Arn"]}
+    head = _task_role_statements(cluster, "csm-ray-head")
+    by_action = {json.dumps(s["Action"]): s for s in head}
+    sqs = by_action[json.dumps(["sqs:DeleteMessage", "sqs:ReceiveMessage"])]
+    assert sqs["Resource"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert by_action['"ecs:ListContainerInstances"']["Resource"] == cluster_arn
+    assert by_action['"ecs:ListTasks"']["Condition"] == {"ArnEquals": {"ecs:cluster": cluster_arn}}
+    parts = by_action['"ecs:DescribeTasks"']["Resource"]["Fn::Join"][1]
+    assert parts[0] == "arn:aws:ecs:us-east-1:" and parts[-1] == ":task/csm-voice/*"
+    head_actions = {a for s in head for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert {a for a in head_actions if a.startswith(("sqs:", "ecs:"))} == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "ecs:ListContainerInstances",
+        "ecs:ListTasks",
+        "ecs:DescribeTasks",
+    }
+    worker = json.dumps(_task_role_statements(cluster, "csm-ray-worker"))
+    assert "execute-api:ManageConnections" in worker  # the same role otherwise
+    assert "sqs:" not in worker and "ecs:" not in worker
 
 
 def test_gpu_task_definitions_require_ec2_one_gpu_shm_and_efs_over_tls(synth):
@@ -457,21 +682,23 @@ def _api_id_import(synth) -> dict:
     return synth.stacks["CsmCluster"].resolve(api.export_value(api.api.api_id))
 
 
-def test_manage_connections_is_granted_to_the_ray_task_role_for_the_stage_only(synth):
+def test_manage_connections_is_granted_to_the_ray_task_roles_for_the_stage_only(synth):
     grants = [
         (stack, policy["Properties"], statement)
         for stack, _, policy in synth.resources("AWS::IAM::Policy")
         for statement in policy["Properties"]["PolicyDocument"]["Statement"]
         if "execute-api:ManageConnections" in json.dumps(statement["Action"])
     ]
-    assert len(grants) == 1
-    stack, policy, statement = grants[0]
-    assert stack == "CsmCluster"
-    assert statement["Action"] == "execute-api:ManageConnections"
-    parts = statement["Resource"]["Fn::Join"][1]
-    assert _api_id_import(synth) in parts
-    assert parts[-1] == "/prod/*/@connections/*"
-    assert "RayTaskRole" in json.dumps(policy["Roles"])
+    assert len(grants) == 2  # the head's role and the workers' (an ingress replica may run on either)
+    roles = set()
+    for stack, policy, statement in grants:
+        assert stack == "CsmCluster"
+        assert statement["Action"] == "execute-api:ManageConnections"
+        parts = statement["Resource"]["Fn::Join"][1]
+        assert _api_id_import(synth) in parts
+        assert parts[-1] == "/prod/*/@connections/*"
+        roles |= {role["Ref"] for role in policy["Roles"]}
+    assert {re.sub(r"TaskRole\w*$", "", role) for role in roles} == {"Head", "Worker"}
 
 
 def _secret_readers(synth, secret_id: str) -> set[str]:
@@ -568,18 +795,174 @@ def test_frontend_private_bucket_behind_cloudfront_oac_and_waf(synth):
     frontend.has_resource_properties("AWS::WAFv2::WebACL", {"Scope": "CLOUDFRONT"})
 
 
-def test_page_config_carries_the_endpoint_and_no_token(synth):
+def _rendered_config(synth: Synthesized) -> dict:
+    """config.json as the deployment writes it, each marker replaced by its value with references shown
+    as `<export or logical id>`."""
+
+    def render(value: object) -> str:
+        if isinstance(value, str):
+            return value
+        (function, argument), *_ = value.items()
+        if function == "Fn::Join":
+            return argument[0].join(render(part) for part in argument[1])
+        if function == "Fn::ImportValue":
+            return f"<{argument}>"
+        assert function == "Ref", value
+        return f"<{argument}>"
+
+    (deployment,) = synth.templates["CsmPage"].find_resources("Custom::CDKBucketDeployment").values()
+    markers = {k: render(v) for m in deployment["Properties"]["SourceMarkers"] for k, v in m.items()}
+    (config,) = [p for p in synth.outdir.rglob("config.json")]
+    return json.loads(
+        re.sub(r"<<marker:0x[0-9a-f]+:\d+>>", lambda m: markers[m.group(0)], config.read_text())
+    )
+
+
+def test_page_stack_fills_the_frontends_bucket_and_invalidates_its_distribution(synth):
+    assert synth.stacks["CsmPage"].region == "us-east-1"
     frontend = synth.templates["CsmFrontend"]
-    (deployment,) = frontend.find_resources("Custom::CDKBucketDeployment").values()
-    markers = json.dumps(deployment["Properties"].get("SourceMarkers"))
-    assert (
-        "wss://" in markers and "WebSocketApi" in markers and "/prod" in markers
-    )  # filled in at deploy time
-    configs = [p for p in synth.outdir.rglob("config.json")]
-    assert len(configs) == 1
-    # The deployment puts the quoted URL where the marker is; the page's config has nothing else.
-    config = json.loads(re.sub(r"<<marker:0x[0-9a-f]+:\d+>>", '"wss://api/prod"', configs[0].read_text()))
-    assert config == {"endpoint": "wss://api/prod"}
+    frontend.resource_count_is("Custom::CDKBucketDeployment", 0)  # its content is CsmPage's
+    (deployment,) = synth.templates["CsmPage"].find_resources("Custom::CDKBucketDeployment").values()
+    props = deployment["Properties"]
+    (distribution_id,) = frontend.find_resources("AWS::CloudFront::Distribution")
+    page_bucket = next(k for k in frontend.find_resources("AWS::S3::Bucket") if k.startswith("Page"))
+    assert exported_value(synth, props["DestinationBucketName"]) == {"Ref": page_bucket}
+    assert exported_value(synth, props["DistributionId"]) == {"Ref": distribution_id}
+    assert props["DistributionPaths"] == ["/*"]
+
+
+def test_page_config_carries_the_endpoint_and_no_token(synth):
+    config = _rendered_config(synth)
+    assert set(config) == {"endpoint"}  # no "auth" without the cognito switch, and never a token
+    api_id = _api_id_import(synth)["Fn::ImportValue"]
+    assert config["endpoint"] == f"wss://<{api_id}>.execute-api.us-east-1.<AWS::URLSuffix>/prod"
+    for name in synth.templates:
+        synth.templates[name].resource_count_is("AWS::Cognito::UserPool", 0)
+
+
+# ---- the cognito switch ---------------------------------------------------------------------------------
+def test_cognito_user_pool_invites_users_with_strong_passwords_and_threat_protection(cognito_synth):
+    assert set(cognito_synth.stacks) == set(COGNITO_STACKS)
+    assert cognito_synth.stacks["CsmAuth"].region == "us-east-1"  # the backend's region
+    auth = cognito_synth.templates["CsmAuth"]
+    auth.resource_count_is("AWS::Cognito::UserPool", 1)
+    auth.has_resource_properties(
+        "AWS::Cognito::UserPool",
+        {
+            "AdminCreateUserConfig": Match.object_like({"AllowAdminCreateUserOnly": True}),
+            "UsernameAttributes": ["email"],
+            "Policies": {
+                "PasswordPolicy": Match.object_like(
+                    {
+                        "MinimumLength": 12,
+                        "RequireLowercase": True,
+                        "RequireUppercase": True,
+                        "RequireNumbers": True,
+                        "RequireSymbols": True,
+                    }
+                )
+            },
+            "MfaConfiguration": "OPTIONAL",
+            "EnabledMfas": ["SOFTWARE_TOKEN_MFA"],
+            "UserPoolTier": "PLUS",
+            "UserPoolAddOns": {"AdvancedSecurityMode": "ENFORCED"},
+        },
+    )
+    (pool_id,) = auth.find_resources("AWS::Cognito::UserPool")
+    auth.has_resource_properties(
+        "AWS::Cognito::UserPoolDomain",
+        {
+            "UserPoolId": {"Ref": pool_id},
+            "ManagedLoginVersion": 2,
+            "Domain": {"Fn::Join": ["", ["csm-voice-", {"Ref": "AWS::AccountId"}]]},
+        },
+    )
+    (client_id,) = auth.find_resources("AWS::Cognito::UserPoolClient")
+    auth.has_resource_properties(
+        "AWS::Cognito::ManagedLoginBranding",
+        {"UserPoolId": {"Ref": pool_id}, "ClientId": {"Ref": client_id}, "UseCognitoProvidedValues": True},
+    )
+    for name in ("CsmFrontend", "CsmApi", "CsmCluster", "CsmPage"):
+        cognito_synth.templates[name].resource_count_is("AWS::Cognito::UserPool", 0)
+
+
+def test_cognito_page_client_is_a_public_code_flow_client_returning_to_the_page(cognito_synth):
+    auth = cognito_synth.templates["CsmAuth"]
+    (client,) = auth.find_resources("AWS::Cognito::UserPoolClient").values()
+    props = client["Properties"]
+    assert props["AllowedOAuthFlows"] == ["code"] and props["AllowedOAuthFlowsUserPoolClient"] is True
+    assert props["GenerateSecret"] is False  # a public client: PKCE
+    assert props["AllowedOAuthScopes"] == ["openid", "email", "profile"]
+    assert props["PreventUserExistenceErrors"] == "ENABLED" and props["EnableTokenRevocation"] is True
+    assert props["SupportedIdentityProviders"] == ["COGNITO"]
+    minutes = {"AccessToken": 15, "IdToken": 15, "RefreshToken": 12 * 60}
+    assert props["TokenValidityUnits"] == dict.fromkeys(minutes, "minutes")
+    assert {k: props[f"{k}Validity"] for k in minutes} == minutes
+    (distribution_id,) = cognito_synth.templates["CsmFrontend"].find_resources(
+        "AWS::CloudFront::Distribution"
+    )
+    for urls in (props["CallbackURLs"], props["LogoutURLs"]):
+        (url,) = urls
+        prefix, domain, suffix = url["Fn::Join"][1]
+        assert (prefix, suffix) == ("https://", "/")
+        assert exported_value(cognito_synth, domain) == {"Fn::GetAtt": [distribution_id, "DomainName"]}
+
+
+def test_cognito_callback_is_the_custom_domain_and_extra_urls_when_set(tmp_path):
+    """With a custom domain the page's address is that domain (no synthesis of the whole app needed)."""
+    from csm_infra.auth import AuthStack
+    from csm_infra.frontend import FrontendStack
+
+    settings = Settings(
+        domain_name="voice.example.com",
+        certificate_arn="arn:aws:acm:us-east-1:111122223333:certificate/abc",
+        cognito=True,
+        cognito_domain_prefix="voice-login",
+        cognito_callback_urls=["http://localhost:5173/"],
+    )
+    app = cdk.App(outdir=str(tmp_path / "out"))
+    env = cdk.Environment(region="us-east-1")
+    frontend = FrontendStack(app, "CsmFrontend", settings=settings, env=env)
+    assert frontend.page_url == "https://voice.example.com/"
+    auth = Template.from_stack(
+        AuthStack(app, "CsmAuth", settings=settings, page_url=frontend.page_url, env=env)
+    )
+    urls = ["https://voice.example.com/", "http://localhost:5173/"]
+    auth.has_resource_properties("AWS::Cognito::UserPoolClient", {"CallbackURLs": urls, "LogoutURLs": urls})
+    auth.has_resource_properties("AWS::Cognito::UserPoolDomain", {"Domain": "voice-login"})
+
+
+def test_cognito_authorizer_accepts_the_pools_tokens_for_the_page_client(cognito_synth):
+    api = cognito_synth.templates["CsmApi"]
+    (pool_id,) = cognito_synth.templates["CsmAuth"].find_resources("AWS::Cognito::UserPool")
+    (client_id,) = cognito_synth.templates["CsmAuth"].find_resources("AWS::Cognito::UserPoolClient")
+    for function in api.find_resources("AWS::Lambda::Function").values():
+        variables = function["Properties"]["Environment"]["Variables"]
+        cognito = {k: v for k, v in variables.items() if k.startswith("COGNITO_")}
+        if function["Properties"]["Handler"] != "lambda_bridge.authorizer.handler":
+            assert not cognito  # only the authorizer checks Cognito's tokens
+            continue
+        assert set(cognito) == {"COGNITO_USER_POOL_ID", "COGNITO_CLIENT_ID", "COGNITO_REGION"}
+        assert exported_value(cognito_synth, cognito["COGNITO_USER_POOL_ID"]) == {"Ref": pool_id}
+        assert exported_value(cognito_synth, cognito["COGNITO_CLIENT_ID"]) == {"Ref": client_id}
+        assert cognito["COGNITO_REGION"] == "us-east-1"
+        assert "TOKEN_SECRET_ARN" in variables  # the shared token still works
+
+
+def test_cognito_page_config_says_where_to_sign_in(cognito_synth):
+    config = _rendered_config(cognito_synth)
+    (domain_id,) = cognito_synth.templates["CsmAuth"].find_resources("AWS::Cognito::UserPoolDomain")
+    (client_id,) = cognito_synth.templates["CsmAuth"].find_resources("AWS::Cognito::UserPoolClient")
+    assert set(config) == {"endpoint", "auth"} and config["endpoint"].startswith("wss://")
+    auth = config["auth"]
+    assert set(auth) == {"domain", "clientId", "scopes"}
+    domain_export = re.fullmatch(r"https://<(.+)>\.auth\.us-east-1\.amazoncognito\.com", auth["domain"])
+    assert domain_export
+    assert exported_value(cognito_synth, {"Fn::ImportValue": domain_export.group(1)}) == {"Ref": domain_id}
+    client_export = re.fullmatch(r"<(.+)>", auth["clientId"])
+    assert client_export
+    assert exported_value(cognito_synth, {"Fn::ImportValue": client_export.group(1)}) == {"Ref": client_id}
+    assert auth["scopes"] == ["openid", "email", "profile"]
 
 
 def test_alarms_for_every_signal_go_to_the_topic(synth):
@@ -615,9 +998,11 @@ def test_alarms_for_every_signal_go_to_the_topic(synth):
 
 
 # ---- done-when 3: cdk-nag and cfn-lint ---------------------------------------------------------------------
-def test_cdk_nag_aws_solutions_has_no_unacknowledged_finding(synth):
+@pytest.mark.parametrize("fixture", ["synth", "cognito_synth"])
+def test_cdk_nag_aws_solutions_has_no_unacknowledged_finding(fixture, request):
     from cdk_nag import AwsSolutionsChecks
 
+    synth = request.getfixturevalue(fixture)
     report = AwsSolutionsChecks().validate_scope(synth.app)
     assert report.success, [
         (v.rule_name, [c.construct_path for c in v.violating_constructs]) for v in report.violations
@@ -648,9 +1033,13 @@ def test_cdk_nag_is_really_checking():
     assert {"AwsSolutions-S1", "AwsSolutions-S10"} <= {v.rule_name for v in report.violations}
 
 
-def test_cfn_lint_passes_on_every_synthesized_template(synth):
+def test_cfn_lint_passes_on_every_synthesized_template(synth, cognito_synth):
     templates = sorted(str(p) for p in synth.cli_out.glob("*.template.json"))
     assert len(templates) == len(STACKS)
+    # With the cognito switch, the stacks it changes.
+    templates += [
+        str(cognito_synth.outdir / f"{name}.template.json") for name in ("CsmAuth", "CsmApi", "CsmPage")
+    ]
     result = subprocess.run(
         [str(Path(sys.executable).parent / "cfn-lint"), "--ignore-checks", "W3005", "--", *templates],
         capture_output=True,
@@ -661,17 +1050,30 @@ def test_cfn_lint_passes_on_every_synthesized_template(synth):
 
 
 def test_backend_in_another_region_keeps_the_page_in_us_east_1(tmp_path):
+    """The page's stacks stay in us-east-1; what crosses regions goes through CDK's cross-region
+    references: the page's address to CsmAuth, the endpoint and the client to CsmPage."""
     page = tmp_path / "page"
     page.mkdir()
     (page / "index.html").write_text("<!doctype html>")
     app = cdk.App(
-        context=cdk_json_context() | {"frontend_dist": str(page), "region": "eu-west-1"},
+        context=cdk_json_context() | {"frontend_dist": str(page), "region": "eu-west-1", "cognito": True},
         outdir=str(tmp_path / "out"),
     )
     stacks = load_app_module().compose(app)
     app.synth()
-    assert stacks["CsmCluster"].region == "eu-west-1" and stacks["CsmFrontend"].region == "us-east-1"
-    Template.from_stack(stacks["CsmFrontend"]).resource_count_is("Custom::CrossRegionExportReader", 1)
+    assert {name for name, stack in stacks.items() if stack.region == "us-east-1"} == {
+        "CsmFrontend",
+        "CsmPage",
+    }
+    assert stacks["CsmCluster"].region == "eu-west-1" and stacks["CsmAuth"].region == "eu-west-1"
+    for name in ("CsmAuth", "CsmPage"):
+        Template.from_stack(stacks[name]).resource_count_is("Custom::CrossRegionExportReader", 1)
+    for name in ("CsmFrontend", "CsmApi"):
+        Template.from_stack(stacks[name]).resource_count_is("Custom::CrossRegionExportReader", 0)
+    Template.from_stack(stacks["CsmApi"]).has_resource_properties(
+        "AWS::Lambda::Function",
+        {"Environment": {"Variables": Match.object_like({"COGNITO_REGION": "eu-west-1"})}},
+    )
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
 
 

@@ -6,7 +6,7 @@
  *
  * Ports are chosen when the Playwright config is loaded and kept in the environment, so the config,
  * globalSetup and every worker agree on them. `ports.gateway` is reserved for the API Gateway
- * emulator (see the comment in `startApp`).
+ * emulator (see the comment in `startApp`), `ports.oidc` for the Cognito stand-in (`OIDC`).
  *
  * Everything started here runs in its own session (setsid); stopping sends Ctrl-C to `serve run`
  * (which shuts down Serve and the Ray cluster it started), then kills whatever is still in that session,
@@ -44,6 +44,7 @@ export const ports = {
   serve: reservePort("CSM_E2E_SERVE_PORT"),
   gateway: reservePort("CSM_E2E_GATEWAY_PORT"),
   management: reservePort("CSM_E2E_MANAGEMENT_PORT"), // the gateway's @connections, where the ingress posts
+  oidc: reservePort("CSM_E2E_OIDC_PORT"),
 };
 
 /** The bridge's own credential (the users' token does not open /bridge/*) and where it posts replies. */
@@ -53,6 +54,17 @@ const BRIDGE_CALLBACK_URL = `http://127.0.0.1:${ports.management}/local`;
 const external = process.env.CSM_E2E_SERVE_URL;
 /** Where the page is loaded from (the Serve app's ingress serves frontend/dist at `/`). */
 export const serveUrl = external ?? `http://127.0.0.1:${ports.serve}`;
+
+/** The user pool the gateway's authorizer also accepts: devtools.local_oidc, a Cognito stand-in. Its access
+ * tokens last 20 s, so the page's own refresh (at half of that) runs within the sign-in test. */
+export const OIDC = {
+  url: `http://127.0.0.1:${ports.oidc}`,
+  region: "eu-west-1",
+  poolId: "eu-west-1_e2e",
+  clientId: "e2e-page",
+  user: { name: "alice", password: "e2e-wonderland" },
+  accessTokenSeconds: 20,
+};
 
 export interface Service {
   name: string;
@@ -190,8 +202,29 @@ export async function startService(opts: ServiceOptions): Promise<Service> {
   return { name: opts.name, pid, stop };
 }
 
-/** The AWS path, locally: the API Gateway emulator running the real Lambda handlers in front of Serve
- * (the "gateway" project routes the page through it with ?endpoint=). */
+/** The Cognito stand-in, with the page's own URL as its app client's callback and sign-out URL. */
+function startOidc(serveUrl: string, work: string): Promise<Service> {
+  return startService({
+    name: "oidc",
+    command: join(REPO_ROOT, ".venv", "bin", "python"),
+    args: [
+      "-m",
+      "devtools.local_oidc",
+      ...["--port", String(ports.oidc), "--region", OIDC.region, "--pool-id", OIDC.poolId],
+      ...["--client-id", OIDC.clientId, "--callback-url", `${serveUrl.replace(/\/+$/, "")}/`],
+      ...["--user", `${OIDC.user.name}:${OIDC.user.password}`, "--access-token-seconds", String(OIDC.accessTokenSeconds)],
+    ],
+    cwd: REPO_ROOT,
+    env: process.env,
+    readyUrl: `${OIDC.url}/.well-known/openid-configuration`,
+    timeoutMs: 60_000,
+    logFile: join(work, "oidc.log"),
+  });
+}
+
+/** The AWS path, locally: the API Gateway emulator running the real Lambda handlers (the authorizer on
+ * `$connect`, as deployed) in front of Serve (the "gateway" project routes the page through it with
+ * ?endpoint=). The authorizer takes the shared token and the stand-in pool's JWTs. */
 function startGateway(serveUrl: string, work: string): Promise<Service> {
   return startService({
     name: "gateway",
@@ -200,11 +233,20 @@ function startGateway(serveUrl: string, work: string): Promise<Service> {
       "-m",
       "devtools.local_gateway",
       ...["--port", String(ports.gateway), "--serve-url", serveUrl, "--token", APP_TOKEN],
-      ...["--bridge-token", BRIDGE_TOKEN, "--management-port", String(ports.management)],
+      ...["--bridge-token", BRIDGE_TOKEN, "--management-port", String(ports.management), "--authorizer"],
     ],
     cwd: REPO_ROOT,
-    // boto3 signs the bridge's error posts to the emulator's own @connections endpoint.
-    env: { ...process.env, AWS_ACCESS_KEY_ID: "testing", AWS_SECRET_ACCESS_KEY: "testing", AWS_DEFAULT_REGION: "us-east-1" },
+    env: {
+      ...process.env,
+      // boto3 signs the bridge's error posts to the emulator's own @connections endpoint.
+      AWS_ACCESS_KEY_ID: "testing",
+      AWS_SECRET_ACCESS_KEY: "testing",
+      AWS_DEFAULT_REGION: "us-east-1",
+      COGNITO_USER_POOL_ID: OIDC.poolId,
+      COGNITO_CLIENT_ID: OIDC.clientId,
+      COGNITO_REGION: OIDC.region,
+      COGNITO_JWKS_URL: `${OIDC.url}/.well-known/jwks.json`,
+    },
     readyPort: ports.gateway,
     timeoutMs: 60_000,
     logFile: join(work, "gateway.log"),
@@ -217,9 +259,14 @@ export async function startApp(): Promise<() => Promise<void>> {
     const res = await fetch(`${external}/readyz`);
     if (!res.ok) throw new Error(`CSM_E2E_SERVE_URL=${external} is not ready: ${res.status}`);
     const work = mkdtempSync(join(tmpdir(), "csm-e2e-"));
-    const gateway = await startGateway(external, work);
+    const oidc = await startOidc(external, work);
+    const gateway = await startGateway(external, work).catch(async (e) => {
+      await oidc.stop();
+      throw e;
+    });
     return async () => {
       await gateway.stop();
+      await oidc.stop();
       rmSync(work, { recursive: true, force: true });
     };
   }
@@ -255,8 +302,9 @@ export async function startApp(): Promise<() => Promise<void>> {
     for (const s of services.reverse()) await s.stop().catch((e) => errors.push(e));
     mkdirSync(RESULTS_DIR, { recursive: true });
     if (existsSync(logFile)) copyFileSync(logFile, join(RESULTS_DIR, "serve.log"));
-    const gatewayLog = join(work, "gateway.log");
-    if (existsSync(gatewayLog)) copyFileSync(gatewayLog, join(RESULTS_DIR, "gateway.log"));
+    for (const name of ["gateway.log", "oidc.log"]) {
+      if (existsSync(join(work, name))) copyFileSync(join(work, name), join(RESULTS_DIR, name));
+    }
     rmSync(work, { recursive: true, force: true });
     if (errors.length) throw errors[0];
   };
@@ -284,6 +332,7 @@ export async function startApp(): Promise<() => Promise<void>> {
         logFile,
       }),
     );
+    services.push(await startOidc(serveUrl, work));
     services.push(await startGateway(serveUrl, work));
   } catch (e) {
     await stopAll().catch(() => {});

@@ -3,6 +3,7 @@ import { Composer } from "./components/Composer";
 import { FailureScreen } from "./components/FailureScreen";
 import { Orb } from "./components/Orb";
 import { SettingsDialog } from "./components/SettingsDialog";
+import { SignInControl } from "./components/SignInControl";
 import { Transcript } from "./components/Transcript";
 import { Visualizer } from "./components/Visualizer";
 import { AudioSession, MicrophoneError } from "./lib/audioSession";
@@ -19,6 +20,7 @@ import {
   withoutToken,
 } from "./lib/config";
 import { type ClientSnapshot, RealtimeClient } from "./lib/realtimeClient";
+import { SignIn, type SignInCallback, type SignInSnapshot } from "./lib/signIn";
 import { installTestHook } from "./testHook";
 
 const VOICE_KEY = "csm.voice";
@@ -31,6 +33,18 @@ function storage(): Storage | undefined {
     return undefined;
   }
 }
+
+/** Where a sign-in's state and verifier wait out the redirect (never a token: see signIn.ts). */
+export function sessionStore(): Storage | undefined {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return undefined;
+  }
+}
+
+const noSubscribe = () => () => {};
+const noSignIn = (): SignInSnapshot | null => null;
 
 function statusText(s: ClientSnapshot): string {
   switch (s.phase) {
@@ -72,7 +86,12 @@ interface ServerPreview {
   randomWeights: boolean | null;
 }
 
-export function App() {
+interface AppProps {
+  /** Cognito's redirect back, taken out of the address before the page rendered (main.tsx). */
+  signInCallback?: SignInCallback | null;
+}
+
+export function App({ signInCallback = null }: AppProps) {
   const [saved, setSaved] = useState<EndpointSettings | null>(() => loadSaved(storage()));
   const [fileConfig, setFileConfig] = useState<ConfigFile | null | undefined>(undefined);
   // Read once: the token is taken out of the address bar as soon as the page is up.
@@ -89,6 +108,21 @@ export function App() {
   const [microphone, setMicrophone] = useState(true);
   const [preview, setPreview] = useState<ServerPreview>({ voices: [], defaultVoice: null, randomWeights: null });
 
+  // Sign-in, when config.json has `auth`. The object lives as long as the page (its tokens in its memory).
+  const authConfig = fileConfig?.auth ?? null;
+  const authKey = authConfig === null ? null : JSON.stringify(authConfig);
+  const signIn = useMemo(
+    () => (authConfig === null ? null : new SignIn({ config: authConfig, redirectUri: `${window.location.origin}/`, storage: sessionStore() })),
+    [authKey], // one object per distinct `auth` (config.json is read once)
+  );
+  const signInRef = useRef(signIn);
+  signInRef.current = signIn;
+  const auth = useSyncExternalStore(signIn?.subscribe ?? noSubscribe, signIn?.getSnapshot ?? noSignIn);
+  // Signed in, the access token is the page's token; otherwise the shared one (settings panel, #token=).
+  const token = auth?.accessToken ?? resolved.token;
+  const tokenRef = useRef(token);
+  tokenRef.current = token;
+
   const [client] = useState(
     () =>
       new RealtimeClient({
@@ -97,8 +131,11 @@ export function App() {
         voice: storage()?.getItem(VOICE_KEY) ?? null,
         diagnoseRefusal: async () => {
           // A refused handshake looks the same as a dead server to a browser. When the endpoint is this
-          // page's own server, ask it: alive means the token was refused.
-          if (!isSameOrigin(resolvedRef.current.endpoint, window.location)) return "unknown";
+          // page's own server, ask it: alive means the token was refused. Elsewhere, a page that could sign
+          // in but has no token at all was refused for that (a deployment with sign-in admits no one without).
+          if (!isSameOrigin(resolvedRef.current.endpoint, window.location)) {
+            return signInRef.current !== null && tokenRef.current === "" ? "auth" : "unknown";
+          }
           try {
             return (await fetch("/healthz", { cache: "no-store" })).ok ? "auth" : "down";
           } catch {
@@ -114,10 +151,24 @@ export function App() {
 
   useEffect(() => {
     void loadConfigFile(fetch).then(setFileConfig);
-    installTestHook(client, () => audioRef.current ?? lastAudio.current);
+    installTestHook(
+      client,
+      () => audioRef.current ?? lastAudio.current,
+      () => signInRef.current?.getSnapshot() ?? null,
+    );
   }, [client]);
 
-  useEffect(() => client.configure(resolved.endpoint, resolved.token), [client, resolved]);
+  // Every connection from now on (a reconnect, a resume) presents the current token: a refreshed one too.
+  useEffect(() => client.configure(resolved.endpoint, token), [client, resolved.endpoint, token]);
+
+  // Back from the hosted UI: exchange the code, once (the callback is used up here).
+  const callbackRef = useRef(signInCallback);
+  useEffect(() => {
+    const callback = callbackRef.current;
+    if (signIn === null || callback === null) return;
+    callbackRef.current = null;
+    void signIn.complete(callback);
+  }, [signIn]);
 
   useEffect(() => {
     const bare = withoutToken(window.location.href);
@@ -218,6 +269,19 @@ export function App() {
     closeAudio();
   };
 
+  /** Both leave the page (for the hosted UI): end the call first, so the server sees it end. */
+  const beginSignIn = async () => {
+    if (signIn === null) return;
+    if (client.getSnapshot().phase !== "idle") await endCall();
+    const { pathname, search, hash } = window.location;
+    await signIn.begin(`${pathname}${search}${hash}`);
+  };
+  const signOut = async () => {
+    if (signIn === null) return;
+    if (client.getSnapshot().phase !== "idle") await endCall();
+    await signIn.signOut();
+  };
+
   const inCall = !["idle", "error"].includes(snap.phase);
   const connected = ["listening", "thinking", "speaking"].includes(snap.phase);
   const voices = snap.voices.length ? snap.voices : preview.voices;
@@ -235,10 +299,19 @@ export function App() {
           <h1>CSM</h1>
           <span className="brand-sub">voice conversation</span>
         </div>
-        <button type="button" className="quiet" onClick={() => setSettingsOpen(true)} aria-haspopup="dialog">
-          Settings
-        </button>
+        <div className="topbar-actions">
+          {auth !== null ? <SignInControl state={auth} onSignIn={() => void beginSignIn()} onSignOut={() => void signOut()} /> : null}
+          <button type="button" className="quiet" onClick={() => setSettingsOpen(true)} aria-haspopup="dialog">
+            Settings
+          </button>
+        </div>
       </header>
+
+      {auth?.message ? (
+        <div className="banner" role="alert" data-testid="sign-in-message">
+          {auth.message}
+        </div>
+      ) : null}
 
       {randomWeights ? (
         <div className="banner" role="note" data-testid="random-weights">
@@ -259,13 +332,14 @@ export function App() {
             onTypeInstead={() => startCall(false, true)}
             onSettings={() => setSettingsOpen(true)}
             onDismiss={() => client.dismissFailure()}
+            signIn={auth === null ? null : { signedIn: auth.status === "signed-in", onSignIn: () => void beginSignIn() }}
           />
         ) : (
           <section className="stage" aria-label="Conversation controls">
             <Orb
               phase={snap.phase}
               inCall={inCall}
-              disabled={fileConfig === undefined}
+              disabled={fileConfig === undefined || auth?.status === "signing-in"}
               analyser={orbAnalyser}
               onToggle={() => (inCall ? void endCall() : startCall(true, false))}
             />

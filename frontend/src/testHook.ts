@@ -5,6 +5,7 @@
 
 import type { AudioSession } from "./lib/audioSession";
 import type { RealtimeClient } from "./lib/realtimeClient";
+import type { SignInSnapshot } from "./lib/signIn";
 
 export interface CsmTestHook {
   readonly phase: string;
@@ -22,6 +23,8 @@ export interface CsmTestHook {
   readonly latencies: readonly number[];
   readonly player: { state: string; bufferedMs: number; prerollMs: number; underruns: number } | null;
   readonly sampleRate: number | null;
+  /** Sign-in (config.json's `auth`), without the tokens; null when the page has no sign-in. */
+  readonly signIn: { status: string; username: string | null; refreshes: number; expiresAt: number | null } | null;
 }
 
 declare global {
@@ -30,7 +33,11 @@ declare global {
   }
 }
 
-export function installTestHook(client: RealtimeClient, audio: () => AudioSession | null): void {
+export function installTestHook(
+  client: RealtimeClient,
+  audio: () => AudioSession | null,
+  signIn: () => SignInSnapshot | null = () => null,
+): void {
   const d = client.debug;
   window.__csm = {
     get phase() {
@@ -72,6 +79,10 @@ export function installTestHook(client: RealtimeClient, audio: () => AudioSessio
     },
     get sampleRate() {
       return audio()?.sampleRate ?? null;
+    },
+    get signIn() {
+      const s = signIn();
+      return s ? { status: s.status, username: s.username, refreshes: s.refreshes, expiresAt: s.expiresAt } : null;
     },
   };
 }

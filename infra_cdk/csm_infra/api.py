@@ -12,6 +12,10 @@ the bridge token, which only the three handlers read and present to the ingress.
 connection and message to CloudWatch Logs and is throttled. WebSocket APIs cannot have a WAF web ACL;
 throttling and the authorizer are their protection.
 
+With the `cognito` context value on, the authorizer also accepts the user pool's JWTs for the page's app
+client (`COGNITO_USER_POOL_ID`, `COGNITO_CLIENT_ID`, `COGNITO_REGION`, from the CsmAuth stack, deployed
+before this one); the principal is then `cognito:<sub>`. The shared token keeps working.
+
 This stack comes before the cluster, which takes `bridge_link()`: both tokens, the stage (its
 `@connections` URL is the one place the ingress posts replies, configured in the task's environment;
 the cluster grants its task role `ManageConnections` on this stage alone) and the bridge's security
@@ -32,6 +36,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from csm_infra.auth import SignIn
 from csm_infra.bridge_asset import bridge_code
 from csm_infra.cluster import SERVE_PORT, BridgeLink
 from csm_infra.config import Settings
@@ -76,6 +81,7 @@ class ApiStack(Stack):
         settings: Settings,
         vpc: ec2.IVpc,
         serve_url: str,
+        sign_in: SignIn | None = None,
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -97,13 +103,15 @@ class ApiStack(Stack):
         # Each function reads one secret: the authorizer the users' token, the handlers the bridge's.
         users = ("TOKEN_SECRET_ARN", self.tokens.api_token)
         bridge = ("BRIDGE_TOKEN_SECRET_ARN", self.tokens.bridge_token)
+        # Only the authorizer checks Cognito's tokens.
+        cognito_env = sign_in.authorizer_environment() if sign_in else {}
         code = bridge_code(RUNTIME)
         self.functions: dict[str, lambda_.Function] = {}
-        for name, handler, timeout, (variable, secret) in (
-            ("Authorizer", "lambda_bridge.authorizer.handler", Duration.seconds(10), users),
-            ("Connect", "lambda_bridge.handlers.connect", HANDLER_TIMEOUT, bridge),
-            ("Default", "lambda_bridge.handlers.default", HANDLER_TIMEOUT, bridge),
-            ("Disconnect", "lambda_bridge.handlers.disconnect", HANDLER_TIMEOUT, bridge),
+        for name, handler, timeout, (variable, secret), extra_env in (
+            ("Authorizer", "lambda_bridge.authorizer.handler", Duration.seconds(10), users, cognito_env),
+            ("Connect", "lambda_bridge.handlers.connect", HANDLER_TIMEOUT, bridge, {}),
+            ("Default", "lambda_bridge.handlers.default", HANDLER_TIMEOUT, bridge, {}),
+            ("Disconnect", "lambda_bridge.handlers.disconnect", HANDLER_TIMEOUT, bridge, {}),
         ):
             function = lambda_.Function(
                 self,
@@ -114,7 +122,12 @@ class ApiStack(Stack):
                 code=code,
                 timeout=timeout,
                 memory_size=256,
-                environment={"SERVE_URL": serve_url, "AUTH_MODE": "authorizer", variable: secret.secret_arn},
+                environment={
+                    "SERVE_URL": serve_url,
+                    "AUTH_MODE": "authorizer",
+                    variable: secret.secret_arn,
+                    **extra_env,
+                },
                 vpc=vpc,
                 vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
                 security_groups=[self.bridge_security_group],

@@ -15,6 +15,14 @@
   the task role may post to.
 - Both services roll back a failed deployment (circuit breaker). The head allows no second copy during
   a deployment (two heads would be two clusters; there is one GPU per instance anyway).
+- Spot: the head is placed on on-demand instances only (`attribute:csm.lifecycle == on-demand`, set by
+  each instance's user data, csm_infra/capacity.py); workers go anywhere. EC2's interruption notices and
+  rebalance recommendations reach the head's drain handler through a queue (csm_infra/drain.py,
+  `CSM_DRAIN_QUEUE_URL`), which drains the Ray node before the instance goes.
+- The head and the workers have task roles of their own: the same permissions, plus, for the head only,
+  the drain handler's (take notices off the queue, read the cluster's container instances and tasks).
+  One role for both would give every worker those too (a task role is per task definition, so a
+  head-only policy needs a head-only role anyway).
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_servicediscovery as servicediscovery
 from constructs import Construct
 
-from csm_infra.capacity import GpuCapacity
+from csm_infra.capacity import LIFECYCLE_ATTRIBUTE, ON_DEMAND, GpuCapacity
 from csm_infra.config import Settings
+from csm_infra.drain import DrainNotices
 from csm_infra.nag import acknowledge
 from csm_infra.ray_task import Mounts, RayNodeTask, ray_task_role
 from csm_infra.tokens import ClusterTokens
@@ -115,11 +125,16 @@ class ClusterStack(Stack):
         )
 
         tokens = ClusterTokens(self, "Tokens")
-        self.task_role = ray_task_role(self, mounts, METRICS_NAMESPACE)
-        self._grant_callbacks(bridge.stage)
+        self.head_role = ray_task_role(self, "HeadTaskRole", mounts, METRICS_NAMESPACE)
+        self.worker_role = ray_task_role(self, "WorkerTaskRole", mounts, METRICS_NAMESPACE)
+        for role in (self.head_role, self.worker_role):
+            self._grant_callbacks(role, bridge.stage)
+        self.drain = DrainNotices(self, "DrainNotices")
+        self.drain.grant_handler(self.head_role, self.cluster, CLUSTER_NAME)
         image = ecs.ContainerImage.from_ecr_repository(repository, settings.image_tag)
         common = {
             "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,  # boto3 reads this one (metrics, @connections, the drain)
             "MODEL_PATH": settings.model_path,
             "VOICES_DIR": "/weights/voices",
             "HISTORY_DIR": "/history",
@@ -139,12 +154,13 @@ class ClusterStack(Stack):
             "HeadTask",
             role="head",
             image=image,
-            task_role=self.task_role,
+            task_role=self.head_role,
             mounts=mounts,
             environment={
                 **common,
                 "CSM_METRICS_NAMESPACE": METRICS_NAMESPACE,
                 "CSM_CLUSTER_NAME": CLUSTER_NAME,
+                "CSM_DRAIN_QUEUE_URL": self.drain.queue.queue_url,
             },
             secrets=secrets,
         )
@@ -153,7 +169,7 @@ class ClusterStack(Stack):
             "WorkerTask",
             role="worker",
             image=image,
-            task_role=self.task_role,
+            task_role=self.worker_role,
             mounts=mounts,
             environment={**common, "CSM_RAY_HEAD": f"{HEAD_NAME}.{NAMESPACE}"},
             secrets=secrets,
@@ -180,6 +196,10 @@ class ClusterStack(Stack):
             desired_count=1,
             min_healthy_percent=0,
             max_healthy_percent=100,
+            # Never on Spot: losing the head (GCS, Serve's controller) restarts the whole cluster.
+            placement_constraints=[
+                ecs.PlacementConstraint.member_of(f"attribute:{LIFECYCLE_ATTRIBUTE} == {ON_DEMAND}")
+            ],
             cloud_map_options=ecs.CloudMapOptions(
                 name=HEAD_NAME, dns_record_type=servicediscovery.DnsRecordType.A, dns_ttl=Duration.seconds(10)
             ),
@@ -212,16 +232,17 @@ class ClusterStack(Stack):
         CfnOutput(self, "WeightsTaskDefinition", value=self.weights_task.task_definition.family)
         CfnOutput(self, "HfTokenSecretArn", value=self.weights_task.hf_token.secret_arn)
         CfnOutput(self, "RaySecurityGroupId", value=self.security_group.security_group_id)
+        CfnOutput(self, "DrainQueueUrl", value=self.drain.queue.queue_url)
 
-    def _grant_callbacks(self, stage: apigwv2.WebSocketStage) -> None:
+    def _grant_callbacks(self, role: iam.IRole, stage: apigwv2.WebSocketStage) -> None:
         """The Serve ingress posts each conversation's events to `@connections` of the API's stage, and
         of no other stage or API."""
-        stage.grant_management_api_access(self.task_role)
+        stage.grant_management_api_access(role)
         # cdk-nag names the API by its import here: the export CDK makes for the API's id, which
         # `export_value` returns (the same one), so the acknowledgment covers this stage's connections only.
         api_id = self.resolve(Stack.of(stage).export_value(stage.api.api_id))["Fn::ImportValue"]
         acknowledge(
-            self.task_role,
+            role,
             f"AwsSolutions-IAM5[Resource::arn:{self.partition}:execute-api:{self.region}:<AWS::AccountId>:"
             f"{api_id}/{stage.stage_name}/*/@connections/*]",
             "Connection ids are only known at run time; the grant is limited to the API's one stage.",

@@ -26,9 +26,15 @@ class Settings:
     # region's first two, resolved at deploy time (no lookup, so `cdk synth` runs offline).
     availability_zones: list[str] = field(default_factory=list)
     nat_gateways: int = 1  # 2 for a NAT per AZ (about $33/month more)
-    instance_type: str = "g4dn.xlarge"  # one NVIDIA GPU per instance: one Ray node per instance
+    # The GPU instance types, in order of preference for on-demand capacity (Spot takes whichever pool is
+    # cheapest and least likely to be interrupted). Each must have one NVIDIA GPU (one Ray node per
+    # instance), at least 4 vCPUs and 16 GiB: the Ray task reserves 3.5 vCPU and 12 GiB (ray_task.py).
+    instance_types: list[str] = field(default_factory=lambda: ["g4dn.xlarge", "g4dn.2xlarge"])
     min_nodes: int = 1  # GPU instances always running (the Ray head is one of them)
     max_nodes: int = 3  # the most GPU instances; workers = nodes - 1
+    # The first on_demand_nodes instances are on-demand (the head's node, and the first worker's), every
+    # one above them Spot. The head runs on on-demand only, so at least 1; max_nodes or more: no Spot.
+    on_demand_nodes: int = 2
     root_volume_gib: int = 100  # the CUDA image is about 10 GB; Ray spills objects here
     image_repository: str = "csm-voice"  # ECR repository (created by the CsmRegistry stack)
     image_tag: str = "0.1.0"  # the image to run; tags are immutable, so push a new tag per release
@@ -42,9 +48,19 @@ class Settings:
     api_rate_limit: int = 2000  # WebSocket messages per second for the stage (25/s per conversation)
     api_burst_limit: int = 4000
     frontend_dist: str = "../frontend/dist"  # the built page (`make frontend-build`), relative to cdk.json
+    # Optional sign-in with a Cognito user pool (the CsmAuth stack); the shared token keeps working.
+    cognito: bool = False
+    cognito_self_sign_up: bool = False  # off: an administrator creates the users (README)
+    # The managed login's address, https://<prefix>.auth.<region>.amazoncognito.com; it must be unique
+    # in the region. Default: "csm-voice-<account id>".
+    cognito_domain_prefix: str = ""
+    # Callback and sign-out URLs besides the page's own, e.g. ["http://localhost:5173/"] for development.
+    cognito_callback_urls: list[str] = field(default_factory=list)
 
     @classmethod
     def from_context(cls, node: Node) -> Settings:
+        if node.try_get_context("instance_type") is not None:
+            raise ValueError('context instance_type is now instance_types, a list: ["g4dn.xlarge", ...]')
         values: dict[str, Any] = {}
         for name, default in defaults().items():
             raw = node.try_get_context(name)
@@ -73,6 +89,40 @@ class Settings:
             raise ValueError("context availability_zones: name at least two")
         if not self.model_path.startswith("/weights/"):
             raise ValueError("context model_path must be under /weights/ (the EFS weights access point)")
+        self._validate_capacity()
+        self._validate_cognito()
+
+    def _validate_capacity(self) -> None:
+        if not self.instance_types:
+            raise ValueError("context instance_types: name at least one GPU instance type")
+        for name in self.instance_types:
+            if not _INSTANCE_TYPE.fullmatch(name):
+                raise ValueError(f"context instance_types: {name!r} is not an EC2 instance type name")
+        if len(set(self.instance_types)) != len(self.instance_types):
+            raise ValueError(f"context instance_types: {self.instance_types} names a type twice")
+        if self.on_demand_nodes < 1:
+            raise ValueError(
+                f"context on_demand_nodes: {self.on_demand_nodes}; at least 1, the Ray head's on-demand node"
+            )
+
+    def _validate_cognito(self) -> None:
+        prefix = self.cognito_domain_prefix
+        if prefix and (not _DOMAIN_PREFIX.fullmatch(prefix) or re.search("aws|amazon|cognito", prefix)):
+            raise ValueError(
+                f"context cognito_domain_prefix: {prefix!r}; lower-case letters, digits and inner hyphens, "
+                "at most 63, without 'aws', 'amazon' or 'cognito'"
+            )
+        for url in self.cognito_callback_urls:
+            if not _CALLBACK_URL.fullmatch(url):
+                raise ValueError(
+                    f"context cognito_callback_urls: {url!r}; Cognito takes https:// URLs, or http:// "
+                    "for localhost only"
+                )
+
+
+_INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+")
+_DOMAIN_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_CALLBACK_URL = re.compile(r"(https://[^\s/#]+|http://localhost(:\d+)?)(/[^\s#]*)?")
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:

@@ -1,50 +1,32 @@
-"""The page: the built `frontend/dist` in a private S3 bucket, served by CloudFront behind AWS WAF.
+"""The page's distribution: a private S3 bucket, served by CloudFront behind AWS WAF (the CsmFrontend stack).
 
 The bucket blocks all public access and refuses plain HTTP; only this distribution reads it (origin
-access control, SigV4). Next to `index.html` the deployment writes `config.json` with the WebSocket
-endpoint, so the page connects to this deployment's API. Only the endpoint: the token is a secret and a
-person types it in (or a Cognito login supplies one); a public page must not carry it.
+access control, SigV4). What is in it (the built page and `config.json`) is written by the CsmPage
+stack, deployed last (csm_infra/page.py): the page's address must exist before the Cognito client that
+returns to it, and `config.json` names that client and the API.
 
-This stack is always in us-east-1, where CloudFront's certificates and web ACLs must be; when the
-backend is in another region, the endpoint crosses over through CDK's cross-region references.
+This stack is always in us-east-1, where CloudFront's certificates and web ACLs must be; it takes
+nothing from the backend's stacks, so it is the first to deploy.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from aws_cdk import CfnOutput, DefaultStackSynthesizer, Duration, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_certificatemanager as acm
 from aws_cdk import aws_cloudfront as cloudfront
 from aws_cdk import aws_cloudfront_origins as origins
 from aws_cdk import aws_route53 as route53
 from aws_cdk import aws_route53_targets as targets
 from aws_cdk import aws_s3 as s3
-from aws_cdk import aws_s3_deployment as s3deploy
 from constructs import Construct
 
 from csm_infra.config import Settings
 from csm_infra.nag import acknowledge
 from csm_infra.waf import PageFirewall
 
-INFRA_ROOT = Path(__file__).resolve().parents[1]
-
-
-def page_dir(settings: Settings) -> Path:
-    """The built page; `cdk synth` stops here with a clear message when it has not been built."""
-    path = (INFRA_ROOT / settings.frontend_dist).resolve()
-    if not (path / "index.html").is_file():
-        raise FileNotFoundError(
-            f"{path}/index.html is missing: build the page first (`make frontend-build`), "
-            "or point the context value frontend_dist at a build"
-        )
-    return path
-
 
 class FrontendStack(Stack):
-    def __init__(
-        self, scope: Construct, construct_id: str, *, settings: Settings, api_endpoint: str, **kwargs
-    ) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         logs_bucket = s3.Bucket(
             self,
@@ -62,7 +44,7 @@ class FrontendStack(Stack):
             "AwsSolutions-S1",
             "This is the access log bucket; logging its own access would log forever.",
         )
-        bucket = s3.Bucket(
+        self.bucket = bucket = s3.Bucket(
             self,
             "Page",
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
@@ -115,52 +97,11 @@ class FrontendStack(Stack):
                 "The default *.cloudfront.net certificate cannot set a minimum TLS version; with the "
                 "domain_name and certificate_arn context values it is TLS 1.2 (2021).",
             )
-        deployment = s3deploy.BucketDeployment(
-            self,
-            "Deploy",
-            destination_bucket=bucket,
-            sources=[
-                s3deploy.Source.asset(str(page_dir(settings))),
-                s3deploy.Source.json_data("config.json", {"endpoint": api_endpoint}),
-            ],
-            distribution=self.distribution,
-            distribution_paths=["/*"],
-            memory_limit=512,
-        )
-        self._acknowledge_deployment_function(deployment, bucket)
         if settings.hosted_zone_id:
             self._dns(settings)
-        url = f"https://{settings.domain_name or self.distribution.distribution_domain_name}/"
-        CfnOutput(self, "PageUrl", value=url, description="open this; the page asks for the token")
-
-    def _acknowledge_deployment_function(
-        self, deployment: s3deploy.BucketDeployment, bucket: s3.Bucket
-    ) -> None:
-        """`BucketDeployment` runs a Lambda function that CDK defines (one per stack): its runtime, role
-        and policies are CDK's, granted for exactly this copy (the CDK asset bucket to the page bucket,
-        then a CloudFront invalidation)."""
-        function = next(
-            child for child in self.node.children if child.node.id.startswith("Custom::CDKBucketDeployment")
-        )
-        reason = (
-            "CDK's BucketDeployment function: copies the page from CDK's asset bucket, invalidates the cache"
-        )
-        page = self.get_logical_id(bucket.node.default_child)
-        assets = f"cdk-{DefaultStackSynthesizer.DEFAULT_QUALIFIER}-assets-<AWS::AccountId>-{self.region}"
-        findings = [
-            "AwsSolutions-L1",
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]",
-            *(
-                f"AwsSolutions-IAM5[Action::s3:{action}]"
-                for action in ("GetBucket*", "GetObject*", "List*", "Abort*", "DeleteObject*")
-            ),
-            f"AwsSolutions-IAM5[Resource::arn:{self.partition}:s3:::{assets}/*]",
-            f"AwsSolutions-IAM5[Resource::<{page}.Arn>/*]",
-            "AwsSolutions-IAM5[Resource::*]",
-        ]
-        for finding in findings:
-            acknowledge(function, finding, reason)
-        del deployment  # only its function needs the acknowledgments
+        # The page's address: where people go, and where Cognito returns them after signing in.
+        self.page_url = f"https://{settings.domain_name or self.distribution.distribution_domain_name}/"
+        CfnOutput(self, "PageUrl", value=self.page_url, description="open this; the page asks for the token")
 
     def _dns(self, settings: Settings) -> None:
         zone = route53.HostedZone.from_hosted_zone_attributes(

@@ -25,10 +25,12 @@ from csm_infra.nag import acknowledge
 PYTHON = "/opt/venv/bin/python"  # Dockerfile.gpu's virtual environment
 SHM_MIB = 3072
 OBJECT_STORE_BYTES = 2 * 1024**3  # must fit in /dev/shm
-# A g4dn.xlarge registers about 15.5 GiB with ECS: a Ray node reserves 12 GiB (and may use more), which
-# leaves room for the weights download task next to the head.
+# Sized for the smallest instance type of settings.instance_types, and so for both defaults: a g4dn.xlarge
+# (4 vCPUs, registers about 15.5 GiB with ECS) and a g4dn.2xlarge (8 vCPUs, about 31 GiB), each with one
+# T4. A Ray node reserves 12 GiB (and may use more) and 3.5 vCPUs, which leaves room for the weights
+# download task (0.5 vCPU, 2 GiB) next to the head; the one GPU per instance keeps it to one Ray node.
 RAY_MEMORY_RESERVATION_MIB = 12 * 1024
-RAY_CPU_UNITS = 3584  # 3.5 of the 4 vCPUs; the rest is the download task's
+RAY_CPU_UNITS = 3584
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,13 @@ class RayNodeTask(Construct):
         )
 
 
-def ray_task_role(scope: Construct, mounts: Mounts, metrics_namespace: str) -> iam.Role:
-    """What the Ray processes may do: publish the cluster's load (to their namespace only), mount the
-    two access points (history writable, weights not). The cluster adds posting to the API stage's
-    connections (`ClusterStack._grant_callbacks`)."""
+def ray_task_role(scope: Construct, construct_id: str, mounts: Mounts, metrics_namespace: str) -> iam.Role:
+    """What the Ray processes of a node may do: publish the cluster's load (to their namespace only),
+    mount the two access points (history writable, weights not). The cluster adds posting to the API
+    stage's connections (`ClusterStack._grant_callbacks`), and for the head, the drain handler's reads."""
     role = iam.Role(
         scope,
-        "RayTaskRole",
+        construct_id,
         assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
         description="Ray nodes: CloudWatch metrics, EFS (and @connections of the API stage)",
     )

@@ -8,6 +8,8 @@ interface Props {
   onTypeInstead: () => void;
   onSettings: () => void;
   onDismiss: () => void;
+  /** config.json has `auth`: an auth failure is answered by signing in. */
+  signIn?: { signedIn: boolean; onSignIn: () => void } | null;
 }
 
 const TITLES: Record<Failure["kind"], string> = {
@@ -20,16 +22,25 @@ const TITLES: Record<Failure["kind"], string> = {
 };
 
 /** What went wrong, in words, and the ways on; focus moves here so a screen reader hears it at once. */
-export function FailureScreen({ failure, endpoint, onRetry, onTypeInstead, onSettings, onDismiss }: Props) {
+export function FailureScreen({ failure, endpoint, onRetry, onTypeInstead, onSettings, onDismiss, signIn = null }: Props) {
   const heading = useRef<HTMLHeadingElement>(null);
   useEffect(() => heading.current?.focus(), [failure]);
   const mic = failure.kind === "mic-denied" || failure.kind === "mic-missing";
+  const needsSignIn = failure.kind === "auth" && signIn !== null;
   return (
-    <section className="failure" role="alert" aria-labelledby="failure-title" data-failure={failure.kind}>
+    <section className="failure" role="alert" aria-labelledby="failure-title" data-failure={failure.kind} data-needs-sign-in={needsSignIn || undefined}>
       <h2 id="failure-title" ref={heading} tabIndex={-1}>
-        {TITLES[failure.kind]}
+        {needsSignIn ? (signIn.signedIn ? "Sign in again" : "Sign in to talk") : TITLES[failure.kind]}
       </h2>
-      <p>{failure.message}</p>
+      {needsSignIn ? (
+        <p>
+          {signIn.signedIn
+            ? "The server refused your sign-in. Sign in again to go on."
+            : "This server lets in only people who are signed in."}
+        </p>
+      ) : (
+        <p>{failure.message}</p>
+      )}
       {failure.kind === "mic-denied" ? (
         <p>
           CSM needs your microphone to hear you. Allow microphone access for this site (the icon in the address bar),
@@ -43,9 +54,14 @@ export function FailureScreen({ failure, endpoint, onRetry, onTypeInstead, onSet
           endpoint or token may be wrong.
         </p>
       ) : null}
-      {failure.kind === "auth" ? <p>Check the access token in the connection settings.</p> : null}
+      {failure.kind === "auth" && !needsSignIn ? <p>Check the access token in the connection settings.</p> : null}
       <div className="failure-actions">
-        <button type="button" className="primary" onClick={onRetry}>
+        {needsSignIn ? (
+          <button type="button" className="primary" onClick={signIn.onSignIn}>
+            Sign in
+          </button>
+        ) : null}
+        <button type="button" className={needsSignIn ? undefined : "primary"} onClick={onRetry}>
           Try again
         </button>
         {mic ? (

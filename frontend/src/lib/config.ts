@@ -23,7 +23,12 @@
  * headers. `?token=` is still read, for older links. Either way the page saves the token (when it is used:
  * see `addressToken`) and removes it from the address bar at once (`withoutToken` + history.replaceState),
  * so it does not linger in the history, in bookmarks, or in a screenshot of the page.
+ *
+ * config.json may also carry `auth` (`{"domain", "clientId", "scopes"}`): the Cognito user pool people sign
+ * in with (signIn.ts). Signed in, the page's token is the access token; without `auth`, nothing changes.
  */
+
+import { type AuthConfig, parseAuthConfig } from "./signIn";
 
 export interface EndpointSettings {
   endpoint?: string;
@@ -31,9 +36,10 @@ export interface EndpointSettings {
 }
 
 /** config.json: the page's default endpoint (`endpoint`, else the first of `endpoints`) and token, and
- * every endpoint the deployment lists (`endpoint` and `endpoints` together). */
+ * every endpoint the deployment lists (`endpoint` and `endpoints` together); `auth`: sign-in (signIn.ts). */
 export interface ConfigFile extends EndpointSettings {
   endpoints?: string[];
+  auth?: AuthConfig;
 }
 
 /** "query" is the page's address: its query, or for the token also its fragment. */
@@ -228,9 +234,16 @@ export async function loadConfigFile(fetchFn: typeof fetch, url = "config.json")
     if (!res.ok) return null;
     const body: unknown = await res.json();
     if (typeof body !== "object" || body === null) return null;
-    const { endpoint, endpoints, token } = body as Record<string, unknown>;
+    const { endpoint, endpoints, token, auth } = body as Record<string, unknown>;
     const list = Array.isArray(endpoints) ? endpoints.map(clean).filter((v) => v !== undefined) : [];
-    return { endpoint: clean(endpoint), token: clean(token), ...(list.length ? { endpoints: list } : {}) };
+    const signIn = auth === undefined ? null : parseAuthConfig(auth);
+    if (auth !== undefined && signIn === null) console.warn("config.json: `auth` is unusable (it needs an https domain and a clientId); sign-in is off");
+    return {
+      endpoint: clean(endpoint),
+      token: clean(token),
+      ...(list.length ? { endpoints: list } : {}),
+      ...(signIn ? { auth: signIn } : {}),
+    };
   } catch {
     return null;
   }

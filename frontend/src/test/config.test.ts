@@ -1,4 +1,4 @@
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import {
   acceptEndpoint,
   addressToken,
@@ -94,6 +94,24 @@ describe("config.json and saved settings", () => {
     expect(await loadConfigFile(respond(200, "nope"))).toBeNull();
     const broken = (async () => new Response("{not json", { status: 200 })) as unknown as typeof fetch;
     expect(await loadConfigFile(broken)).toBeNull();
+  });
+
+  it("reads `auth` (the Cognito hosted UI) exactly as the deployment writes it, and drops an unusable one", async () => {
+    const auth = { domain: "https://csm-demo.auth.eu-west-1.amazoncognito.com/", clientId: "abc123", scopes: ["openid", "email", "profile"] };
+    expect(await loadConfigFile(respond(200, { endpoint: "wss://gw/prod", auth }))).toEqual({
+      endpoint: "wss://gw/prod",
+      token: undefined,
+      auth: { domain: "https://csm-demo.auth.eu-west-1.amazoncognito.com", clientId: "abc123", scopes: ["openid", "email", "profile"] },
+    });
+    const warn = vi.spyOn(console, "warn").mockImplementation(() => {});
+    for (const bad of [{ ...auth, domain: "http://csm-demo.auth.example" }, { ...auth, clientId: "" }, "yes"]) {
+      expect(await loadConfigFile(respond(200, { endpoint: "wss://gw/prod", auth: bad }))).toEqual({ endpoint: "wss://gw/prod", token: undefined });
+    }
+    expect(warn).toHaveBeenCalledTimes(3);
+    warn.mockRestore();
+    // Plain http only to this machine (the local stand-in); no scopes means just openid.
+    const local = await loadConfigFile(respond(200, { auth: { domain: "http://127.0.0.1:9229", clientId: "local" } }));
+    expect(local?.auth).toEqual({ domain: "http://127.0.0.1:9229", clientId: "local", scopes: ["openid"] });
   });
 
   it("saves and loads settings; clearing both removes them", () => {

@@ -235,6 +235,25 @@ describe("Connection: reconnect", () => {
     expect(connection.status).toBe("idle");
   });
 
+  it("a reconnect and a resume present the token configured since the call began (a refreshed sign-in)", () => {
+    const connection = makeConnection();
+    const s = connect(connection, { conversation_id: "conv_tok" });
+    expect(new URL(s.url).searchParams.get("token")).toBe("s3cret");
+    connection.configure("ws://127.0.0.1:9999/v1/realtime", "renewed-1");
+    expect(sockets).toHaveLength(1); // the open socket is kept
+    s.drop(1006);
+    clock.advance(500);
+    expect(new URL(last().url).searchParams.get("token")).toBe("renewed-1");
+    expect(new URL(last().url).searchParams.get("conversation_id")).toBe("conv_tok");
+    last().drop(1008);
+    connection.configure("ws://127.0.0.1:9999/v1/realtime", "renewed-2");
+    connection.start(true);
+    expect(new URL(last().url).searchParams.get("token")).toBe("renewed-2");
+    connection.configure("ws://127.0.0.1:9999/v1/realtime", "");
+    connection.start(false);
+    expect(new URL(last().url).searchParams.has("token")).toBe(false); // signed out: no token at all
+  });
+
   it("a resumed call keeps the conversation id; a new one has none", () => {
     const connection = makeConnection();
     connect(connection, { conversation_id: "conv_keep" });
