@@ -1,6 +1,7 @@
 """Request routers: a conversation's `CSMGenerator` calls go to the replica that holds its KV cache
-(`ConversationRouter`), and a bridged connection's calls go to the one ingress replica that holds it
-(`ConnectionRouter`, at the end).
+(`ConversationRouter`), a bridged connection's calls go to the one ingress replica that holds it
+(`ConnectionRouter`), and the stream deployments' calls go by Serve's default policy (`StreamRouter`).
+All of them that route by multiplexed id forget finished requests (`PrunedRequests`, at the end).
 
 Why a custom `RequestRouter` and not multiplexed ids (which the codec deployments use, `streams.py`): a
 multiplexed id reaches the routers through the controller (the replica records the ids it loaded, the
@@ -39,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -46,7 +48,16 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 # only costs a full prefill on its next reply.
 MAX_CONVERSATIONS = 65536
 
-__all__ = ["ConnectionRouter", "ConversationRouter", "conversation_of", "owner", "router_config"]
+__all__ = [
+    "ConnectionRouter",
+    "ConversationRouter",
+    "PrunedRequests",
+    "StreamRouter",
+    "conversation_of",
+    "owner",
+    "router_config",
+    "stream_router_config",
+]
 
 
 def router_config(busy_at: int | None = None) -> RequestRouterConfig:
@@ -172,7 +183,50 @@ def owner(connection: str, replicas: Sequence[str]) -> str | None:
     return max(replicas, key=score, default=None)
 
 
-class ConnectionRouter(RequestRouter):
+class PrunedRequests:
+    """Mixin for a router whose calls carry multiplexed ids, many of them used for a while and then never
+    again (a turn's or a reply's stream, a bridged connection). Serve 2.60 indexes pending requests by
+    multiplexed id (`_pending_requests_by_model_id`) and drops an id's finished ones only when a later
+    request with the same id is routed, so each id's last request, arguments included, stayed in the
+    calling process for good: every turn's audio buffer in the ingress (the soak's growth, ~4 MB/min at 8
+    people), every bridged event in the proxies. Before each routing decision this drops the finished
+    requests of every id, and the ids left with none; what stays is what is still being routed."""
+
+    def prune_finished_requests(self) -> int:
+        """Forget finished requests in the by-id index; how many were dropped."""
+        index = getattr(self, "_pending_requests_by_model_id", None)
+        if not index:  # absent (another Serve version) or empty
+            return 0
+        dropped = 0
+        for model_id, queue in list(index.items()):
+            live = [request for request in queue if not request.future.done()]
+            dropped += len(queue) - len(live)
+            if live:
+                queue.clear()
+                queue.extend(live)
+            else:
+                del index[model_id]
+        return dropped
+
+
+class StreamRouter(PrunedRequests, PowerOfTwoChoicesRequestRouter):
+    """Serve's default router (power of two choices, preferring the replica that holds the call's
+    multiplexed id), for the deployments that keep per-stream state (`AudioTokenizer`, `AudioDecoder`,
+    `SpeechRecognizer`: a stream id per turn or reply), with finished requests forgotten."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        self.prune_finished_requests()
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+def stream_router_config() -> RequestRouterConfig:
+    """The `request_router_config` of the stream deployments."""
+    return RequestRouterConfig(request_router_class=StreamRouter)
+
+
+class ConnectionRouter(PrunedRequests, RequestRouter):
     """The ingress's router. A bridged call names its API Gateway connection (the Lambda's
     `serve_multiplexed_model_id` header) and must reach the replica holding that connection's session,
     from whichever proxy it comes through: `owner` of the connection among the running replicas, decided
@@ -187,6 +241,7 @@ class ConnectionRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        self.prune_finished_requests()
         connection = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if connection:
             by_id = {r.replica_id.unique_id: r for r in candidate_replicas}

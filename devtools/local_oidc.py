@@ -532,14 +532,21 @@ def _handler_for(oidc: LocalOidc) -> type[BaseHTTPRequestHandler]:
             else:
                 self._html(HTTPStatus.NOT_FOUND, _page("Not found", "<p>No such page.</p>"))
 
-        def _authorize(self, params: dict[str, str]) -> None:
+        def _refused(self, params: dict[str, str]) -> bool:
+            """Answer an authorize request that cannot go on (Cognito's error page for a bad client or
+            redirect URI, an error back to the client for the rest); True when it was answered."""
             problem = oidc.check_authorize(params)
             if problem is not None:
                 self._html(HTTPStatus.BAD_REQUEST, _page("An error was encountered", f"<p>{problem}</p>"))
-                return
+                return True
             error = oidc.authorize_error(params)
             if error is not None:
                 self._redirect(_with_query(params["redirect_uri"], self._back(params, error=error)))
+                return True
+            return False
+
+        def _authorize(self, params: dict[str, str]) -> None:
+            if self._refused(params):
                 return
             session = oidc.session_user(self._cookie())
             if session is not None:  # signed in before: straight back, as Cognito's session cookie does
@@ -550,13 +557,7 @@ def _handler_for(oidc: LocalOidc) -> type[BaseHTTPRequestHandler]:
 
         def _login(self, form: dict[str, str]) -> None:
             params = {name: form[name] for name in _AUTHORIZE_FIELDS if name in form}
-            problem = oidc.check_authorize(params)
-            if problem is not None:
-                self._html(HTTPStatus.BAD_REQUEST, _page("An error was encountered", f"<p>{problem}</p>"))
-                return
-            error = oidc.authorize_error(params)
-            if error is not None:
-                self._redirect(_with_query(params["redirect_uri"], self._back(params, error=error)))
+            if self._refused(params):
                 return
             username = form.get("username", "")
             session = oidc.login(username, form.get("password", ""))

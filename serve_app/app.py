@@ -22,7 +22,7 @@ from deployments.decoder import AudioDecoder, DecoderConfig
 from deployments.generator import CSMGenerator, GeneratorConfig
 from deployments.recognizer import RecognizerConfig, SpeechRecognizer
 from deployments.responder import Responder
-from deployments.routing import router_config
+from deployments.routing import router_config, stream_router_config
 from deployments.tokenizer import AudioTokenizer, TokenizerConfig
 from serve_app.ingress import ConversationIngress
 from serve_app.ingress_config import IngressConfig
@@ -101,9 +101,13 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     # A conversation's replies go to the replica holding its KV cache, while it has a free engine slot.
     routing = router_config(busy_at=gen_cfg.max_slots if isinstance(gen_cfg.max_slots, int) else None)
     generator = CSMGenerator.options(**on("generator", request_router_config=routing)).bind(gen_cfg)
-    decoder = AudioDecoder.options(**on("decoder")).bind(dec_cfg)
-    tokenizer = AudioTokenizer.options(**on("tokenizer")).bind(tok_cfg)
-    recognizer = SpeechRecognizer.options(**on("recognizer")).bind(a.recognizer)
+    # Every turn and reply is a stream of its own on these (a multiplexed id each).
+    streams = stream_router_config()
+    decoder = AudioDecoder.options(**on("decoder", request_router_config=streams)).bind(dec_cfg)
+    tokenizer = AudioTokenizer.options(**on("tokenizer", request_router_config=streams)).bind(tok_cfg)
+    recognizer = SpeechRecognizer.options(**on("recognizer", request_router_config=streams)).bind(
+        a.recognizer
+    )
     responder = Responder.options(**on("responder")).bind(a.responder)
     ingress = ConversationIngress.options(**on("ingress"))
     return ingress.bind(generator, decoder, tokenizer, recognizer, responder, a.ingress)

@@ -1,7 +1,8 @@
 """Local servers standing in for what cannot be reached here, spoken to by the real clients (boto3,
 the bridge's http.client, the Responder's httpx): AWS JSON APIs (Secrets Manager, SSM, a Cognito JWKS
-document; ECS and SQS as the Spot drain handler uses them), an ingress whose behaviour a test chooses (down, slow, forgetful) for the bridge's failure
-paths, and an OpenAI-compatible chat server that can be slow or broken."""
+document; ECS and SQS as the Spot drain handler uses them), an ingress whose behaviour a test chooses
+(down, slow, forgetful) for the bridge's failure paths, and an OpenAI-compatible chat server that can be
+slow or broken."""
 
 from __future__ import annotations
 

@@ -66,14 +66,14 @@ OTHER = RayNode("cc" * 28, "10.0.2.30", is_head=False)
 
 
 @pytest.fixture
-def aws(monkeypatch):
+def aws():
     """A stand-in ECS + SQS with the head on i-0head and one worker on i-0aaa; boto3 clients for it."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-test")
     cluster = SpotCluster(CLUSTER, {"i-0head": [HEAD.address], "i-0aaa": [WORKER.address]}, CREDENTIALS)
+    # A session of its own: boto3's default one keeps the credentials an earlier test gave it.
+    session = boto3.session.Session(aws_access_key_id="AKIDTEST", aws_secret_access_key="secret-test")
     with http_server(cluster) as (url, _):
         clients = {
-            name: boto3.client(name, region_name="us-east-1", endpoint_url=url) for name in ("ecs", "sqs")
+            name: session.client(name, region_name="us-east-1", endpoint_url=url) for name in ("ecs", "sqs")
         }
         yield cluster, clients, f"{url}/000000000000/csm-drain"
 
