@@ -18,6 +18,7 @@
  */
 
 import type { Timers } from "./connection";
+import { base64ToBytes, bytesToBase64 } from "./pcm";
 
 export interface AuthConfig {
   /** The hosted UI's origin, e.g. `https://<prefix>.auth.<region>.amazoncognito.com`. */
@@ -104,10 +105,14 @@ export function parseAuthConfig(value: unknown): AuthConfig | null {
 
 // ---- PKCE -----------------------------------------------------------------------------------------
 
+/** Base64url without padding (RFC 4648 section 5), as PKCE and JWTs write it. */
 export function base64url(bytes: Uint8Array): string {
-  let binary = "";
-  for (const b of bytes) binary += String.fromCharCode(b);
-  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return bytesToBase64(bytes).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function fromBase64url(text: string): Uint8Array {
+  const padded = text + "=".repeat((4 - (text.length % 4)) % 4);
+  return base64ToBytes(padded.replace(/-/g, "+").replace(/_/g, "/"));
 }
 
 /** The S256 code challenge: base64url(SHA-256(verifier)) (RFC 7636, section 4.2). */
@@ -211,8 +216,7 @@ function decodeClaims(jwt: string | null): Record<string, unknown> | null {
   const part = jwt?.split(".")[1];
   if (!part) return null;
   try {
-    const json = atob(part.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (part.length % 4)) % 4));
-    const value: unknown = JSON.parse(new TextDecoder().decode(Uint8Array.from(json, (c) => c.charCodeAt(0))));
+    const value: unknown = JSON.parse(new TextDecoder().decode(fromBase64url(part)));
     return typeof value === "object" && value !== null ? (value as Record<string, unknown>) : null;
   } catch {
     return null;
