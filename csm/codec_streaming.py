@@ -16,8 +16,9 @@ Streaming contract (for `StreamingDecoder` and `StreamingEncoder`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,10 +203,15 @@ def _run_active(step, state: Any, active: Tensor, x: Tensor, *args: Any) -> Tens
     if x.device.type == "cuda":  # first: `nonzero` would wait for the device to know the row count
         return step(state, x, active, *args)
     rows = active.nonzero()[:, 0]
-    if rows.numel() == 0 or rows.numel() * 2 > active.numel():
+    n = rows.numel()
+    bucket = 1 << (n - 1).bit_length() if n else 0
+    if n == 0 or bucket * 2 > active.numel():
         return step(state, x, active, *args)
+    # Rows in powers of two, idle slots riding along masked: oneDNN keeps a kernel per conv shape, so
+    # every stream count from 1 to 16 would be its own set (and a tokenizer's memory grew with them).
+    rows = torch.cat([rows, (~active).nonzero()[: bucket - n, 0]])
     part = _take_rows(state, rows)
-    out_rows = step(part, x.index_select(0, rows), torch.ones_like(rows, dtype=torch.bool), *args)
+    out_rows = step(part, x.index_select(0, rows), active.index_select(0, rows), *args)
     _put_rows(state, rows, part)
     out = out_rows.new_zeros(active.shape[0], *out_rows.shape[1:])
     return out.index_copy_(0, rows, out_rows)
@@ -611,14 +617,35 @@ class StreamingEncoder:
         view = _slot_view(self._state, slot)
         active = torch.ones(1, dtype=torch.bool, device=self.device)
         pending = self._pending[slot]
+        whole = pending.shape[0] // FRAME_SIZE * FRAME_SIZE
         parts = []
-        for start in range(0, pending.shape[0], self.max_frames_per_step * FRAME_SIZE):
-            piece = pending[start : start + self.max_frames_per_step * FRAME_SIZE]
-            final = piece.shape[0] % FRAME_SIZE != 0
-            parts.append(_encode_chunk(self.codec.parts, view, piece[None, None], active, final)[0])
+        for start in range(0, whole, self.max_frames_per_step * FRAME_SIZE):
+            piece = pending[start : min(start + self.max_frames_per_step * FRAME_SIZE, whole)]
+            parts.append(_encode_chunk(self.codec.parts, view, piece[None, None], active)[0])
+        if whole < pending.shape[0]:
+            # The partial last frame has any length, so each would be a new set of conv shapes for oneDNN
+            # to compile and keep (~0.3 MB each, a cache of 1,024): it runs on ATen's own convolution.
+            with _without_onednn(self.device):
+                piece = pending[whole:][None, None]
+                parts.append(_encode_chunk(self.codec.parts, view, piece, active, final=True)[0])
         self.close(slot)
         empty = torch.zeros(NUM_CODEBOOKS, 0, dtype=torch.long, device=self.device)
         return torch.cat(parts, dim=-1) if parts else empty
+
+
+@contextlib.contextmanager
+def _without_onednn(device: torch.device) -> Iterator[None]:
+    """CPU convolutions on ATen's kernels, not oneDNN's, inside (the switch is process-wide: another
+    thread's codec step meanwhile runs there too, with the same results to float rounding)."""
+    if device.type != "cpu":
+        yield
+        return
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,11 @@ class SamplingParams:
 class EngineConfig:
     max_slots: int = 16
     prefill_chunk: int = 256  # prompt rows per prefill step, shared by the joiners it packs
+    # A prefill step's width is rounded up to a multiple of this (within prefill_chunk), its padding written
+    # to the scratch column. On CPU oneDNN builds and keeps a kernel and a weight layout per matmul shape
+    # (~0.6 MB each, up to 1,024 per cache): exact widths, one per prompt length, grew a generator replica
+    # by ~20 MB/min for as long as conversations ran; aligned, a step has at most prefill_chunk/16 shapes.
+    prefill_align: int = 16
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
     # Frame steps with bucketed shapes (batch: powers of two; KV length: multiples of kv_bucket; top-k over
     # MAX_TOP_K candidates; mixed sampling), as CUDA graphs need; always on with graphs. Without graphs it
@@ -95,6 +100,11 @@ class EngineConfig:
     # context and parallelise (2 threads: 1.85x on a 137-row chunk against 1,500 cached rows, measured),
     # where a frame step is hundreds of small ops that a second thread slows down. None: the process's.
     prefill_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 1 or self.prefill_align < 1:
+            raise ValueError(f"prefill_chunk and prefill_align must be >= 1, got {self.prefill_chunk}, "
+                             f"{self.prefill_align}")  # fmt: skip
 
 
 def pinned(t: Tensor) -> Tensor:
@@ -660,10 +670,15 @@ class Engine:
         if width == 0:
             return group
         for seq in list(self._prefill_queue)[1:]:
-            if (len(group) + 1) * width > budget:
+            if (len(group) + 1) * self._prefill_width(width) > budget:
                 break
             group.append((seq, min(seq.to_prefill, width)))
         return group
+
+    def _prefill_width(self, rows: int) -> int:
+        """The columns a prefill step computes for `rows` prompt rows: aligned up, within the chunk."""
+        align = self.config.prefill_align
+        return min(-(-rows // align) * align, self.config.prefill_chunk)
 
     def _to_device(self, t: Tensor) -> Tensor:
         """A host tensor on the device without a synchronous copy (pinned and non-blocking on CUDA)."""
@@ -676,7 +691,7 @@ class Engine:
         work = [(s, n) for s, n in group if n > 0]
         if work:
             # Every index is built on the host and copied once: no synchronous host-to-device copies.
-            c = max(n for _, n in work)
+            c = self._prefill_width(max(n for _, n in work))
             rows = len(work)
             tokens = torch.zeros(rows, c, self.args.num_codebooks + 1, dtype=torch.long)
             mask = torch.zeros_like(tokens, dtype=torch.bool)

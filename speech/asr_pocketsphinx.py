@@ -34,6 +34,13 @@ class _SphinxStream(RecognitionStream):
 SPHINX_SEARCH = {"fwdflat": False, "maxhmmpf": 3000, "maxwpf": 10}
 
 
+# Idle decoders kept per search. Beyond it a stream's decoder is built at its first audio (~0.3 s of a core,
+# holding the GIL) and freed at its end; 8 people talking to one replica churned through ~90 MB decoders
+# with 4 (the replica's RSS swung by 150-300 MB from minute to minute), so the pool keeps as many as 8 people
+# use at once.
+MAX_IDLE_DECODERS = 8
+
+
 class _DecoderPool:
     """Idle decoders of one configuration: a decoder takes ~0.3 s to build and holds ~90 MB."""
 
@@ -71,7 +78,7 @@ class PocketsphinxTranscriber:
     as "oh the world"), since a turn's first second would be decoded against a mean far from the mic's.
     """
 
-    def __init__(self, max_idle: int = 4) -> None:
+    def __init__(self, max_idle: int = MAX_IDLE_DECODERS) -> None:
         from pocketsphinx import Decoder  # imported here: only this backend needs the C extension
 
         self._live = _DecoderPool(

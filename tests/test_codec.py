@@ -156,6 +156,43 @@ def test_streaming_encode_matches_whole_encode(codec) -> None:
     assert not any(encoder.active)
 
 
+def test_codec_steps_keep_onednn_conv_shapes_bounded(codec) -> None:
+    """oneDNN compiles and keeps a kernel per conv shape: a step's stream count is padded to a power of two,
+    and a flushed partial frame (of any length) runs on ATen's convolution, not oneDNN's."""
+    seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def record(module, args) -> None:
+        seen.append((tuple(args[0].shape), torch.backends.mkldnn.enabled))
+
+    convs = [m for m in codec.parts.encoder_seanet.modules() if isinstance(m, torch.nn.Conv1d)]
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    g = torch.Generator().manual_seed(5)
+    encoder = StreamingEncoder(codec, num_slots=32)
+    try:
+        for streams in (3, 5, 7):
+            for slot in range(streams):
+                encoder.open(slot)
+                encoder.push(slot, 0.3 * torch.randn(2 * FRAME_SIZE, generator=g))
+            encoder.encode_ready()
+            for slot in range(streams):
+                encoder.close(slot)
+        assert {shape[0] for shape, _ in seen} == {4, 8}
+        by_tail = []
+        for tail in (100, 777, 1500):
+            seen.clear()
+            encoder.open(0)
+            encoder.push(0, 0.3 * torch.randn(FRAME_SIZE + tail, generator=g))
+            encoder.flush(0)
+            on = sorted(shape for shape, enabled in seen if enabled)
+            assert len(on) == len(convs) and sum(not enabled for _, enabled in seen) == len(convs)
+            by_tail.append(on)
+        assert by_tail[0] == by_tail[1] == by_tail[2]  # oneDNN saw the whole frame's shapes only
+        assert torch.backends.mkldnn.enabled
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_espeak_speech_round_trips_to_its_length(codec, tmp_path) -> None:
     wav = tmp_path / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), "Hello, this is a test of the Mimi codec."], check=True)

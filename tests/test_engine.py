@@ -194,3 +194,36 @@ def test_prefill_threads_apply_to_prefill_steps_only(model):
     plain = Engine(model, EngineConfig(max_slots=2, prefill_chunk=16))
     rid = plain.add(p.tokens, p.mask, 6, SamplingParams(temperature=0.9, top_k=50, seed=5))
     np.testing.assert_array_equal(collect(plain)[rid], got)
+
+
+def test_prefill_widths_are_aligned_and_leave_no_trace(model):
+    """Prefill steps compute a multiple of `prefill_align` columns (a bounded set of matmul shapes: on CPU
+    oneDNN keeps a kernel per shape), the padding never reaches the codes: the same codes as exact widths."""
+    prompts = [prompt(model, "x" * n, frames, n) for n, frames in ((3, 1), (17, 5), (40, 9))]
+    params = SamplingParams(temperature=0.9, top_k=50, seed=3)
+
+    def run(align: int) -> tuple[list[np.ndarray], set[int]]:
+        engine = Engine(model, EngineConfig(max_slots=4, prefill_chunk=64, prefill_align=align))
+        widths: set[int] = set()
+        fill = engine.model.backbone.fill_cache
+
+        def recording(x, *args):
+            widths.add(x.shape[1])
+            return fill(x, *args)
+
+        engine.model.backbone.fill_cache = recording
+        try:
+            ids = [engine.add(p.tokens, p.mask, 8, params) for p in prompts]
+            out = collect(engine)
+        finally:
+            del engine.model.backbone.fill_cache
+        return [out[i] for i in ids], widths
+
+    exact, exact_widths = run(1)
+    aligned, aligned_widths = run(16)
+    assert len(exact_widths) > 2 and not all(w % 16 == 0 for w in exact_widths)
+    assert aligned_widths and all(w % 16 == 0 and w <= 64 for w in aligned_widths)
+    for a, e in zip(aligned, exact, strict=True):
+        np.testing.assert_array_equal(a, e)
+    with pytest.raises(ValueError, match="prefill_align"):
+        EngineConfig(prefill_align=0)
