@@ -66,10 +66,11 @@ def server_processes(own_cluster: bool) -> list[Proc]:
     return found
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory line of the process's /proc status in MB (`RssAnon`: anonymous pages only); 0 once gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:  # it exited meanwhile
         pass

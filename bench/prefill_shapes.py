@@ -24,6 +24,7 @@ Needs only torch (no Ray), with the repository on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -34,16 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load_procs import rss_mb
 from bench.report import machine_line, markdown
 from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import random_model
 
 
 def rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_mb(os.getpid(), "RssAnon")
 
 
 def run_side(model, align: int, lengths: list[int], chunk: int) -> dict:
