@@ -29,7 +29,11 @@ class Segment:
     codes: Tensor | np.ndarray | None = None
 
 
-SEGMENT_CACHE = 2048  # segments whose rows a builder keeps (~10 KB each at a sentence's length)
+# Rows of segments a builder keeps by default: eight full contexts. A row costs 297 bytes (33 int64 tokens
+# and 33 mask bytes), so 4.9 MB; a spoken turn's segment is ~110 rows (32 KB). A cap counted in segments
+# (2,048) let a generator replica grow by 57 KB a turn for ~1,000 turns under the soak before the cap
+# held (bench/RESULTS.md, "Soak"). The generator sizes its own: every slot's whole context.
+CACHE_ROWS = 8 * 2048
 
 
 def _content_key(segment: Segment) -> bytes | None:
@@ -64,7 +68,10 @@ class Prompt:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: TextTokenizer, args: ModelArgs, num_speakers: int = 16) -> None:
+    def __init__(
+        self, tokenizer: TextTokenizer, args: ModelArgs, num_speakers: int = 16, cache_rows: int = CACHE_ROWS
+    ) -> None:
+        """`cache_rows`: rows of recently used segments kept (`segment_rows`); 0 keeps none."""
         if tokenizer.vocab_size > args.text_vocab_size:
             raise ValueError(
                 f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({args.text_vocab_size})"
@@ -74,6 +81,8 @@ class PromptBuilder:
         self.num_speakers = num_speakers
         self._width = args.num_codebooks + 1
         self._rows: OrderedDict[bytes, tuple[Tensor, Tensor]] = OrderedDict()
+        self.cache_rows = cache_rows
+        self.cached_rows = 0  # rows held in `_rows`
 
     def _check_speaker(self, speaker: object) -> int:
         if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker < self.num_speakers:
@@ -118,7 +127,8 @@ class PromptBuilder:
 
     def segment_rows(self, segment: Segment) -> tuple[Tensor, Tensor]:
         """The segment's rows, made once: a conversation sends the same segments with every sentence,
-        so rows are kept by the segment's content (speaker, text, codes), least recently used dropped."""
+        so rows are kept by the segment's content (speaker, text, codes), least recently used dropped once
+        more than `cache_rows` rows are kept."""
         key = _content_key(segment)
         rows = self._rows.get(key) if key is not None else None
         if rows is not None:
@@ -128,10 +138,12 @@ class PromptBuilder:
         if segment.codes is not None:
             at, am = self.audio_rows(segment.codes)
             tokens, mask = torch.cat([tokens, at]), torch.cat([mask, am])
-        if key is not None:
+        if key is not None and tokens.shape[0] <= self.cache_rows:
             self._rows[key] = (tokens, mask)
-            while len(self._rows) > SEGMENT_CACHE:
-                self._rows.popitem(last=False)
+            self.cached_rows += tokens.shape[0]
+            while self.cached_rows > self.cache_rows:
+                _, (old, _) = self._rows.popitem(last=False)
+                self.cached_rows -= old.shape[0]
         return tokens, mask
 
     def build(

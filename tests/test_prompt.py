@@ -134,3 +134,25 @@ def test_segments_are_converted_once_by_content(builder):
     assert not torch.equal(builder.segment_rows(Segment(0, "hi", codes))[0], first[0])
     with pytest.raises(ValueError, match="integers"):
         builder.segment_rows(Segment(1, "hi", codes.astype(np.float32)))
+
+
+def test_segment_cache_is_bounded_by_rows():
+    """A long-running replica sees new segments every turn: the rows it keeps stay within `cache_rows`
+    (least recently used dropped), a segment in use stays cached, and one larger than the budget is made
+    but not kept."""
+    import numpy as np
+
+    builder = PromptBuilder(ByteTokenizer(), preset("tiny"), cache_rows=300)
+    rng = np.random.default_rng(0)
+    voice = Segment(0, "voice", rng.integers(0, 2048, (20, 32)))
+    kept = builder.segment_rows(voice)
+    for turn in range(40):  # each segment: text rows, 30 audio rows and the EOS row
+        builder.segment_rows(Segment(1, f"turn {turn}", rng.integers(0, 2048, (30, 32))))
+        assert builder.segment_rows(voice)[0] is kept[0]  # used every turn: never the oldest
+        assert builder.cached_rows <= 300
+        assert builder.cached_rows == sum(t.shape[0] for t, _ in builder._rows.values())
+    assert len(builder._rows) < 10  # 41 segments made, only the newest few kept
+    big = Segment(1, "long", rng.integers(0, 2048, (400, 32)))
+    rows = builder.segment_rows(big)
+    assert rows[0].shape[0] > 400 and builder.segment_rows(big)[0] is not rows[0]
+    assert builder.segment_rows(voice)[0] is kept[0]
