@@ -48,15 +48,23 @@ def _stamp(t: Tensor) -> tuple[int, int, int | None]:
     return t.untyped_storage()._cdata, t.storage_offset(), None if t.is_inference() else t._version
 
 
+# Weights (per matrix) from which a prepacked oneDNN matmul pays: a packed call costs ~15-20 us of oneDNN's
+# own overhead where a dense one costs ~3 us, and saves the weight's re-layout, which grows with its size.
+# Measured on a 2-core EPYC, one thread, us dense / packed at 1 and 8 rows: 64 x 256, 3/14 and 6/17;
+# 256 x 512, 14/31 and 36/34; 512 x 512, 23/32 and 73/57; 512 x 2048, 89/71 and 308/171. The `tiny`
+# preset's matrices are all under it: with them packed its frame step took 1.7x as long.
+PACK_MIN_WEIGHTS = 1 << 18
+
+
 class PackedWeights:
     """CPU copies of weights in oneDNN's prepacked (blocked) layout, bound to the parameter they came from.
 
     The dense CPU matmul works from the weight as stored and re-lays it out call after call; a weight
     packed once skips that. On the `small` preset on a 2-core EPYC the frame step at 4-16 streams runs
-    ~30% faster (about even at one), and a prefill chunk ~25% faster, in fp32 and bf16 alike. The copy
-    costs the weight's memory again. It is used only while the parameter is the same tensor, unmodified
-    (same storage, same in-place version): a weight replaced or edited after packing is read densely,
-    never computed with from a stale copy.
+    ~30% faster (about even at one), and a prefill chunk ~25% faster, in fp32 and bf16 alike; matrices
+    under `PACK_MIN_WEIGHTS` stay dense. The copy costs the weight's memory again. It is used only while
+    the parameter is the same tensor, unmodified (same storage, same in-place version): a weight replaced
+    or edited after packing is read densely, never computed with from a stale copy.
     """
 
     def __init__(self, source: Tensor, weights: list[Tensor]) -> None:
@@ -66,14 +74,19 @@ class PackedWeights:
 
     @classmethod
     def of(
-        cls, source: Tensor, weights: list[Tensor], current: PackedWeights | None = None
+        cls,
+        source: Tensor,
+        weights: list[Tensor],
+        current: PackedWeights | None = None,
+        min_weights: int = PACK_MIN_WEIGHTS,
     ) -> PackedWeights | None:
-        """Pack `weights` (each [out, in], derived from `source`); None where oneDNN cannot run them.
-        `current` is kept when it was packed from `source` as it is now (packing again is a no-op)."""
+        """Pack `weights` (each [out, in], derived from `source`); None where oneDNN cannot run them, or
+        where a matrix has fewer than `min_weights` entries. `current` is kept when it was packed from
+        `source` as it is now (packing again is a no-op)."""
         if current is not None and current.matches(source):
             return current
         try:
-            if not _onednn_ready(source):
+            if not _onednn_ready(source) or min(w.numel() for w in weights) < min_weights:
                 return None
             packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous()) for w in weights]
         except (AttributeError, RuntimeError):  # a torch build or CPU without these ops: dense is correct
@@ -111,8 +124,8 @@ class Linear(nn.Linear):
 
     packed: PackedWeights | None = None
 
-    def pack_cpu(self) -> None:
-        self.packed = PackedWeights.of(self.weight, [self.weight], self.packed)
+    def pack_cpu(self, min_weights: int = PACK_MIN_WEIGHTS) -> None:
+        self.packed = PackedWeights.of(self.weight, [self.weight], self.packed, min_weights)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """`residual + x @ weight.T (+ bias)`; x: [..., in], residual: [..., out] or None."""
@@ -548,15 +561,16 @@ class CSM(nn.Module):
             return head.linear(h, codebook - 1)
         return h @ self.audio_head[codebook - 1]
 
-    def pack_cpu(self) -> CSM:
-        """Prepack every projection and head for CPU inference (see PackedWeights). Weights packed already
-        and unchanged are kept; elsewhere than on CPU this does nothing."""
+    def pack_cpu(self, min_weights: int = PACK_MIN_WEIGHTS) -> CSM:
+        """Prepack every projection and head of at least `min_weights` weights for CPU inference (see
+        PackedWeights). Weights packed already and unchanged are kept; elsewhere than on CPU this does
+        nothing."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack_cpu()
+                module.pack_cpu(min_weights)
         head = self.audio_head.detach()
         self.packed_head = PackedWeights.of(
-            self.audio_head, [head[i].T for i in range(head.shape[0])], self.packed_head
+            self.audio_head, [head[i].T for i in range(head.shape[0])], self.packed_head, min_weights
         )
         return self
 

@@ -54,7 +54,7 @@ def test_rope_as_one_matmul_is_rotate_half_rope():
 def test_a_residual_added_inside_the_matmul_is_linear_plus_residual(packed, dtype, rows):
     model = random_model("tiny", dtype=dtype).model
     if packed:
-        model.pack_cpu()
+        model.pack_cpu(min_weights=0)
     lin = model.backbone.layers[0].mlp.down_proj
     # oneDNN packs bf16 only on CPUs with bf16 support (avx512_bf16, AMX); elsewhere bf16 stays dense.
     packable = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -16,7 +16,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def tiny():
-    return random_model("tiny").model.pack_cpu()
+    return random_model("tiny").model.pack_cpu(min_weights=0)  # every matrix, small as they are
 
 
 def test_every_projection_and_head_is_packed_on_this_cpu(tiny):
@@ -25,7 +25,7 @@ def test_every_projection_and_head_is_packed_on_this_cpu(tiny):
     assert tiny.packed_head is not None and len(tiny.packed_head.weights) == tiny.args.num_codebooks - 1
     # Packing again (every engine set up on this model does) keeps what is packed and unchanged.
     packed, head = [m.packed for m in linears], tiny.packed_head
-    tiny.pack_cpu()
+    tiny.pack_cpu(min_weights=0)
     assert all(m.packed is p for m, p in zip(linears, packed, strict=True)) and tiny.packed_head is head
 
 
@@ -33,7 +33,7 @@ def test_every_projection_and_head_is_packed_on_this_cpu(tiny):
 @pytest.mark.parametrize("rows", [1, 3, 16, 200])
 @torch.inference_mode()
 def test_packed_products_match_dense(dtype, rows):
-    model = random_model("tiny", dtype=dtype).model.pack_cpu()
+    model = random_model("tiny", dtype=dtype).model.pack_cpu(min_weights=0)
     g = torch.Generator().manual_seed(rows)
     lin = model.backbone.layers[0].mlp.gate_up_proj
     x = torch.randn(rows, 1, lin.in_features, generator=g).to(dtype)
@@ -67,5 +67,16 @@ def test_a_weight_replaced_after_packing_is_used(tiny):
     lin.weight.data = -new  # new storage under the same parameter object
     assert torch.allclose(lin(x), -(x @ new.T), rtol=1e-5, atol=1e-6)
     # Packing again puts the new weight on the fast path.
-    tiny.pack_cpu()
+    tiny.pack_cpu(min_weights=0)
     assert lin.packed.matches(lin.weight) and torch.allclose(lin(x), -(x @ new.T), rtol=1e-5, atol=1e-6)
+
+
+def test_small_matrices_stay_dense():
+    """Under PACK_MIN_WEIGHTS, oneDNN's per-call overhead costs more than packing saves: the engine's
+    default packing leaves them dense, and packs those above it (here the threshold set between them)."""
+    model = random_model("tiny").model.pack_cpu()
+    assert model.packed_head is None
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    head = model.codebook0_head  # the largest [2051, 64] projection
+    model.pack_cpu(min_weights=head.weight.numel())
+    assert head.packed is not None and model.backbone.layers[0].attn.o_proj.packed is None
