@@ -23,11 +23,12 @@ from csm.engine import Engine, FrameEvent, SamplingParams
 log = logging.getLogger(__name__)
 
 # How a reply streams (CSMGenerator, the local services, bench/gpu.py): its first item holds FIRST_FRAMES,
-# 160 ms, so a player starts at once (the page's pre-roll is 120 ms) and the next item has 160 ms to be
-# made; one 80 ms frame alone left 28 of 34 underruns in replies' first 0.5 s under load (bench/RESULTS.md,
-# "Load"). Then FRAMES_PER_CHUNK at a time: fewer stream items and decoder calls, whose overhead every
-# conversation on the machine pays.
-FIRST_FRAMES = 2
+# 240 ms, so a player starts at once (the page's pre-roll is 120 ms) and the next item has 240 ms to be
+# made. One 80 ms frame alone left 28 of 34 underruns in replies' first 0.5 s under load; two (160 ms) still
+# 14 of 16 at 8 people on 2 cores, where the next two frames and their decode took about as long as they
+# play; three: 2 of 12, for one frame step more before the first audio (bench/RESULTS.md, "Load"). Then
+# FRAMES_PER_CHUNK at a time: fewer stream items and decoder calls, whose overhead every conversation pays.
+FIRST_FRAMES = 3
 FRAMES_PER_CHUNK = 2
 
 

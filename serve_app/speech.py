@@ -6,7 +6,7 @@ handles (`serve_app.services.RayServices`) or plain objects in this process
 in order; an encoder that lost the stream gets the turn again from its start), and recognized while they
 speak the same way, so when the turn ends only its last chunk is left to encode and to recognize.
 `ReplyStream`: one reply's audio: sentences go to the generator, its frames to the decoder in chunks of
-2 frames as soon as they exist, and PCM comes back to the caller with the frames it came from.
+2 frames (the first 3) as soon as they exist, and PCM comes back to the caller with the frames it came from.
 """
 
 from __future__ import annotations
@@ -238,9 +238,9 @@ class ReplyStream:
         self.prompts: list[PromptUse] = []  # how each sentence's prompt was paid for
 
     async def speak(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
-        """Generate `request` and yield its audio chunk by chunk (the generator's chunks: 2 frames each,
-        `csm.async_engine.chunks`). Decoding runs while the next frames are made. Leaving the iteration (a
-        barge-in) cancels the generation too, which frees its engine slot at once."""
+        """Generate `request` and yield its audio chunk by chunk (the generator's chunks: 3 frames, then 2
+        each, `csm.async_engine.chunks`). Decoding runs while the next frames are made. Leaving the
+        iteration (a barge-in) cancels the generation too, which frees its engine slot at once."""
         queue: asyncio.Queue[Frames | BaseException | None] = asyncio.Queue()
         stream = self._generate(request)
 

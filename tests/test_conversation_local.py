@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from csm.async_engine import FIRST_FRAMES
 from csm.audio import FRAME_MS, SAMPLES_PER_MS
 from devtools.realtime_client import (
     CHUNK,
@@ -130,8 +131,9 @@ async def test_typed_turn_gets_a_reply_and_the_history_grows(session):
     deltas = of_type(events, "response.output_audio.delta")
     sizes = [len(base64.b64decode(d["delta"])) // 2 for d in deltas]
     frames = expected_frames(reply, REPLY_S)
-    # Two frames a delta (the first too: 160 ms start the page's playback at once), an odd frame last.
-    assert sizes == [2 * FRAME] * (frames // 2) + [FRAME] * (frames % 2)
+    # FIRST_FRAMES first (240 ms start the page's playback at once), then two a delta, an odd frame last.
+    rest = frames - FIRST_FRAMES
+    assert sizes == [FIRST_FRAMES * FRAME] + [2 * FRAME] * (rest // 2) + [FRAME] * (rest % 2)
     assert audio_samples(events) == frames * FRAME
     user, assistant = session.conversation.history
     assert (user.role, user.text) == ("user", "what is the weather like")

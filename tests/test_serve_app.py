@@ -13,6 +13,7 @@ import pytest
 import websockets
 from ray import serve
 
+from csm.async_engine import FIRST_FRAMES
 from csm.audio import SAMPLES_PER_MS
 from devtools.realtime_client import Client, assert_spoken_turn, audio_samples, of_type, speech, whole_reply
 from speech.asr import RECOGNITION_TAIL_MS
@@ -71,9 +72,9 @@ async def test_spoken_turn_end_to_end(app, tmp_path):
     whole_reply(events)
     deltas = of_type(events, "response.output_audio.delta")
     sizes = [len(base64.b64decode(d["delta"])) // 2 for d in deltas]
-    # Two frames a delta, the first too (160 ms start the page's playback at once); a sentence's odd
-    # last frame alone.
-    assert sizes[0] == 2 * FRAME and set(sizes) <= {FRAME, 2 * FRAME}
+    # FIRST_FRAMES first (240 ms start the page's playback at once), then two frames a delta; a
+    # sentence's odd last frame alone.
+    assert sizes[0] == FIRST_FRAMES * FRAME and set(sizes[1:]) <= {FRAME, 2 * FRAME}
     await client.close()
 
 

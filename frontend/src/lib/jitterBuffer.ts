@@ -26,9 +26,9 @@ export interface JitterBufferOptions {
   /** Frames per second of the audio pushed and rendered (the AudioContext's rate). */
   sampleRate: number;
   /**
-   * Audio buffered before playback starts (default 120 ms). Below the server's first item of a reply (2
-   * frames, 160 ms: `FIRST_FRAMES` in csm/async_engine.py), so a reply starts with its first delta and the
-   * next one has 160 ms to arrive, which holds while generation keeps up with real time. A 1-frame first
+   * Audio buffered before playback starts (default 120 ms). Below the server's first item of a reply (3
+   * frames, 240 ms: `FIRST_FRAMES` in csm/async_engine.py), so a reply starts with its first delta and the
+   * next one has 240 ms to arrive, which holds while generation keeps up with real time. A 1-frame first
    * item (as before) made the page wait for the second anyway, and a shorter pre-roll ran dry after it.
    */
   prerollMs?: number;
