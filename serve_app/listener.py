@@ -20,8 +20,8 @@ import numpy as np
 from csm.audio import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_MS
 from serve_app import protocol as p
 from serve_app.services import Services
-from speech.asr import RECOGNITION_TAIL_MS, AgreedWords
-from speech.vad import SileroVad, TurnDetector, VadConfig, VadEvent
+from speech.asr import AgreedWords
+from speech.vad import SileroVad, TurnDetector, VadConfig
 
 if TYPE_CHECKING:
     from serve_app.conversation import Limits
@@ -133,7 +133,6 @@ class Listener:
             keep = vad.prefix_padding_ms * SAMPLES_PER_MS + pcm.size + 2 * FRAME_SIZE
             self._prefix = np.concatenate([self._prefix, pcm])[-keep:]
         else:
-            self._hold_recognition(events, detector)
             self._push(pcm)
         self._heard_samples += pcm.size
         for ev in events:
@@ -144,15 +143,6 @@ class Listener:
                     p.InputAudioBufferSpeechStopped(audio_end_ms=ev.audio_ms, item_id=self.turn.item_id)
                 )
                 self._end_turn(vad.create_response)
-
-    def _hold_recognition(self, events: list[VadEvent], detector: TurnDetector) -> None:
-        """Mid-turn silence: the recognizer hears it only `RECOGNITION_TAIL_MS` long (the rest waits, and
-        if the turn ends there, is never decoded). The turn's sample 0 is the detector's `start_ms`."""
-        assert self.turn is not None
-        stopped = next((ev.audio_ms for ev in events if ev.kind == "speech_stopped"), None)
-        since = stopped if stopped is not None else detector.silent_since_ms
-        end = None if since is None else (since + RECOGNITION_TAIL_MS - self.turn.start_ms) * SAMPLES_PER_MS
-        self.turn.stream.recognize_until(end)
 
     def _start_turn(self, at_ms: int, vad: p.ServerVad) -> None:
         start_ms = max(at_ms - vad.prefix_padding_ms, 0)
@@ -187,8 +177,6 @@ class Listener:
         if turn is None or turn.stream.samples == 0:
             return None
         turn.committed = True
-        if self.detector is None or self.detector.speaking:
-            turn.stream.recognize_until(None)  # not the VAD's end of turn: every sample may hold words
         if self.detector is not None and self.detector.speaking:
             self.detector.reset()  # a manual commit mid-speech: the next speech is a new turn
             self._heard_samples = 0

@@ -66,27 +66,12 @@ class _Sender(Generic[Result]):
         self._on_restart = on_restart
         self.sent = 0  # samples the deployment holds
         self.recoveries = 0
-        # The turn's samples the deployment needs (None: all): audio past it is held back, and once the
-        # audio reaches it, everything up to it is sent at once, whole frames or not (so only for a
-        # deployment that takes any chunk size: the recognizer).
-        self.limit: int | None = None
         self._task: asyncio.Task | None = None
 
     def kick(self) -> None:
         """Send what is due, unless a send is under way (it takes whatever came meanwhile)."""
-        if self._due(final=False) is not None and (self._task is None or self._task.done()):
+        if self._audio().size - self.sent >= ENCODE_CHUNK and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._drain(final=False))
-
-    def _due(self, final: bool) -> np.ndarray | None:
-        """The next chunk to send (a view of the turn's audio), or None while nothing is due."""
-        audio = self._audio()
-        end = audio.size if self.limit is None else min(audio.size, self.limit)
-        if final:
-            return audio[self.sent : max(end, self.sent)]
-        if self.limit is not None and audio.size >= self.limit > self.sent:
-            return audio[self.sent : self.limit]
-        whole = (end - self.sent) // FRAME_SIZE * FRAME_SIZE
-        return audio[self.sent : self.sent + whole] if whole >= ENCODE_CHUNK else None
 
     async def finish(self) -> None:
         if self._task is not None:
@@ -95,9 +80,14 @@ class _Sender(Generic[Result]):
 
     async def _drain(self, final: bool) -> None:
         while True:
-            chunk = self._due(final)
-            if chunk is None:
-                return
+            audio = self._audio()
+            if final:
+                chunk = audio[self.sent :]
+            else:
+                whole = (audio.size - self.sent) // FRAME_SIZE * FRAME_SIZE
+                if whole < ENCODE_CHUNK:
+                    return
+                chunk = audio[self.sent : self.sent + whole]
             result = await self._call(self.sent, chunk, final)
             if result is None:
                 log.info("%s: stream state lost, sending the turn again", self.name)
@@ -182,14 +172,6 @@ class InputStream:
             return np.zeros((0, 32), np.int16)
         await self._encoder.finish()
         return np.concatenate(self._codes) if self._codes else np.zeros((0, 32), np.int16)
-
-    def recognize_until(self, samples: int | None) -> None:
-        """The recognizer needs this turn's audio only up to `samples` (None: all of it): the VAD heard
-        silence begin before there. What lies past it is held back; it is sent if the person speaks again,
-        and never decoded if the turn ends in that silence, so the turn's end leaves nothing to decode."""
-        if self._recognizer is not None:
-            self._recognizer.limit = None if samples is None else max(samples, 0)
-            self._recognizer.kick()
 
     async def finish_transcript(self) -> str:
         """The turn's transcript, from the recognizer's stream: only the last chunk is left to decode."""

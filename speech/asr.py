@@ -29,7 +29,6 @@ from speech.pcm import SPEECH_SAMPLE_RATE, StreamResampler, check_pcm, is_silent
 
 __all__ = [
     "MIN_TRANSCRIBE_SAMPLES",
-    "RECOGNITION_TAIL_MS",
     "AgreedWords",
     "Push",
     "RecognitionStream",
@@ -39,10 +38,6 @@ __all__ = [
 ]
 
 MIN_TRANSCRIBE_SAMPLES = SAMPLE_RATE // 10  # under 100 ms at 24 kHz there is no word to find
-# Silence after the last speech that a live stream still hears: enough to close the last word. The rest of
-# the VAD's wait for the end of the turn (500 ms by default) is never decoded, so when the turn ends, the
-# recognizer has heard all it will and only closes the utterance.
-RECOGNITION_TAIL_MS = 200
 
 
 def to_asr_rate(pcm: np.ndarray) -> np.ndarray:

@@ -168,14 +168,6 @@ class TurnDetector:
         return self._speaking
 
     @property
-    def silent_since_ms(self) -> int | None:
-        """Mid-turn, where the silence being timed began (it ends the turn once `silence_duration_ms` long,
-        unless speech comes back first); None while the person speaks, or outside a turn."""
-        if not self._speaking or self._silence_start is None:
-            return None
-        return self._silence_start * _WINDOW_MS
-
-    @property
     def position_ms(self) -> int:
         """How much of the stream the detector has scored (it trails the input by at most 34 ms)."""
         return self._windows * _WINDOW_MS

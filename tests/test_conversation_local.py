@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 
 from csm.async_engine import FIRST_FRAMES
-from csm.audio import FRAME_MS, SAMPLES_PER_MS
+from csm.audio import FRAME_MS
 from devtools.realtime_client import (
     CHUNK,
     assert_spoken_turn,
     audio_samples,
-    espeak,
     expected_frames,
     of_type,
     speech,
@@ -35,7 +34,6 @@ from serve_app.history import HistoryStore
 from serve_app.local_services import LocalServices
 from serve_app.speech import InputStream, ReplyStream
 from serve_app.voices import VoiceLibrary
-from speech.asr import RECOGNITION_TAIL_MS
 from speech.vad import load_vad_model
 
 FRAME = 1920
@@ -247,71 +245,3 @@ async def test_response_create_parameters_are_honoured(session):
         assert response["metadata"] == {"turn": "1"} and response["max_output_tokens"] == 5
     assert done["status"] == "completed" and audio_samples(events) == 5 * FRAME
     assert session.conversation.history[-1].frames == 5
-
-
-class _Sent:
-    """A stream's pushes on their way to the real recognizer: (start, samples, final) of each."""
-
-    def __init__(self, push) -> None:
-        self.pushes: list[tuple[int, int, bool]] = []
-        self._push = push
-
-    async def __call__(self, start: int, pcm: np.ndarray, final: bool) -> str | None:
-        self.pushes.append((start, pcm.size, final))
-        return await self._push(start, pcm, final)
-
-
-def _recorded(turn: InputStream) -> _Sent:
-    sent = _Sent(turn._recognizer._call)
-    turn._recognizer._call = sent
-    return sent
-
-
-async def test_the_recognizer_hears_only_the_silence_it_needs(services, tmp_path):
-    """Silence held back (`recognize_until`, as the VAD sets it): audio past the hold waits; lifted, it is
-    sent; a turn that ends in the held silence leaves no audio for its final step, and the words are heard.
-    """
-    tail = RECOGNITION_TAIL_MS * SAMPLES_PER_MS
-    words = espeak("what is the weather like today", tmp_path)
-    lead = np.zeros(SAMPLES_PER_MS * 300, np.int16)
-    spoken = (words * 32767).astype(np.int16)
-    pcm = np.concatenate([lead, spoken, np.zeros(SAMPLES_PER_MS * 800, np.int16)])
-    speech_end = lead.size + spoken.size
-
-    turn = services.input_stream(lambda text: None, streaming_asr=True)
-    sent = _recorded(turn)
-    turn.recognize_until(lead.size)  # a pause before the words: held there
-    for i in range(0, speech_end, CHUNK):
-        turn.push(pcm[i : min(i + CHUNK, speech_end)])
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.2)
-    assert sum(n for _, n, _ in sent.pushes) <= lead.size  # nothing past the hold
-    turn.recognize_until(None)  # the person speaks: everything is due
-    turn.recognize_until(speech_end + tail)  # and stops: silence from speech_end on
-    for i in range(speech_end, pcm.size, CHUNK):
-        turn.push(pcm[i : i + CHUNK])
-    transcript = await turn.finish_transcript()
-    assert "weather" in transcript.split()
-    starts = [start for start, _, _ in sent.pushes]
-    assert starts == sorted(starts) and sent.pushes[-1] == (speech_end + tail, 0, True)
-    assert sum(n for _, n, _ in sent.pushes) == speech_end + tail  # each sample once, up to the hold
-    await turn.finish()
-
-
-async def test_a_commit_in_a_held_silence_sends_the_held_audio(session, tmp_path):
-    """A manual commit while the VAD times a silence (the recognizer held there): not the VAD's end of
-    turn, so the held audio goes to the recognizer with the final step; the whole turn is heard."""
-    await session.stream(speech("what is the weather like today", tmp_path, lead_s=0.5, tail_s=0.0))
-    listener = session.conversation.listener
-    silence = np.zeros(CHUNK, np.int16)
-    while listener.detector.silent_since_ms is None:  # the VAD starts timing the silence after the words
-        await session.stream(silence)
-    await session.stream(np.zeros(RECOGNITION_TAIL_MS * SAMPLES_PER_MS, np.int16))  # past the hold
-    turn = listener.turn
-    assert turn is not None and listener.detector.silent_since_ms is not None  # the turn is not over
-    sent = _recorded(turn.stream)
-    await session.send("input_audio_buffer.commit")
-    events = await session.until("conversation.item.input_audio_transcription.completed")
-    assert "weather" in events[-1]["transcript"].split()
-    start, samples, final = sent.pushes[-1]
-    assert final and start + samples == turn.stream.samples and samples > 0
