@@ -50,6 +50,9 @@ SETTINGS: dict[str, dict] = {
     "no fwdflat, topn 2": {"fwdflat": False, "topn": 2},
     "no fwdflat, ds 2": {"fwdflat": False, "ds": 2},
     "no fwdflat, narrow beams": {"fwdflat": False, "beam": 1e-40, "wbeam": 1e-30, "pbeam": 1e-40},
+    "app, hmm 1500, wpf 5": {**SPHINX_SEARCH, "maxhmmpf": 1500, "maxwpf": 5},
+    "app, narrow beams": {**SPHINX_SEARCH, "beam": 1e-40, "wbeam": 1e-30, "pbeam": 1e-40},
+    "app, pl_window 5": {**SPHINX_SEARCH, "pl_window": 5},
 }
 PASSES = 3
 CHUNK = 4 * FRAME_SIZE * SPEECH_SAMPLE_RATE // SAMPLE_RATE  # the ingress's ENCODE_CHUNK (4 frames) at 16 kHz
