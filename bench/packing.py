@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import make_prompts
 from bench.report import machine_line, markdown
 from csm.engine import Engine, EngineConfig, SamplingParams
 from csm.loading import random_model
 from csm.model import PACK_MIN_WEIGHTS, Linear
-from csm.prompt import PromptBuilder, Segment
-from csm.tokenizer import ByteTokenizer
+from csm.sampling import TEMPERATURE, TOP_K
 
 SIDES = {"every matrix packed": 0, f"packed from {PACK_MIN_WEIGHTS:,} weights": PACK_MIN_WEIGHTS}
 PREFILL_ROWS = 256
@@ -46,12 +46,9 @@ def packed_share(engine: Engine) -> str:
 
 
 def add_streams(engine: Engine, n: int, frames: int, rows: int, seed: int) -> None:
-    builder = PromptBuilder(ByteTokenizer(), engine.args)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        heard = Segment(1, f"what is the weather like {i}", torch.randint(0, 2048, (rows, 32), generator=g))
-        p = builder.build([heard], 0, f"it is sunny {i}", frames)
-        engine.add(p.tokens, p.mask, frames, SamplingParams(0.9, 50, seed=seed + i))
+    """n streams of `frames` frames, after `rows` frames of heard audio (bench/engine.py's prompts)."""
+    for i, p in enumerate(make_prompts(engine.args, n, rows, frames)):
+        engine.add(p.tokens, p.mask, frames, SamplingParams(TEMPERATURE, TOP_K, seed=seed + i))
 
 
 def frame_steps(engines: list[Engine], streams: int, frames: int) -> list[list[float]]:
