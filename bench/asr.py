@@ -3,11 +3,11 @@
     python bench/asr.py                # every setting below, 3 passes over 6 espeak-ng sentences
 
 Each sentence (bench/load_client.py's four and the browser test's) is decoded live as the recognizer does
-it: `process_raw` per 320 ms chunk with a partial `hyp()` after each, then `end_utt`. Per setting: CPU
-seconds per second of speech (process time, this process only), the slowest `end_utt` (what is left to
-do when the turn ends), the key words heard (out of the sentences' key words), and the CPU ratio against
-pocketsphinx's defaults measured in the same run. `speech.asr_pocketsphinx.SPHINX_SEARCH` is the
-setting the app uses.
+it: `process_raw` per 640 ms chunk (the ingress's) with a partial `hyp()` after each, then `end_utt`. Per
+setting: CPU seconds per second of speech (process time, this process only), the slowest `end_utt` (what
+is left to do when the turn ends), the key words heard (out of the sentences' key words), and the CPU
+ratio against pocketsphinx's defaults measured in the same run. `speech.asr_pocketsphinx.SPHINX_SEARCH`
+is the setting the app uses.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load_client import SENTENCES
 from bench.report import machine_line
-from csm.audio import FRAME_SIZE, SAMPLE_RATE
+from csm.audio import SAMPLE_RATE
 from devtools.realtime_client import speech
+from serve_app.speech import ENCODE_CHUNK
 from speech.asr import to_asr_rate
 from speech.asr_pocketsphinx import SPHINX_SEARCH, pcm16
 from speech.pcm import SPEECH_SAMPLE_RATE
@@ -55,7 +56,7 @@ SETTINGS: dict[str, dict] = {
     "app, pl_window 5": {**SPHINX_SEARCH, "pl_window": 5},
 }
 PASSES = 3
-CHUNK = 4 * FRAME_SIZE * SPEECH_SAMPLE_RATE // SAMPLE_RATE  # the ingress's ENCODE_CHUNK (4 frames) at 16 kHz
+CHUNK = ENCODE_CHUNK * SPEECH_SAMPLE_RATE // SAMPLE_RATE  # the ingress's chunk, at 16 kHz
 
 
 def decode(decoder, audio: np.ndarray) -> tuple[str, float, float]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -73,8 +75,14 @@ class _Consumer:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    """`nice`: how much lower than the process's other threads the engine thread runs (Linux, where a
+    thread has its own nice value; 0 elsewhere). On a CPU shared with other work the engine makes frames
+    ahead of playback as fast as it can; a lower priority lets the work that must keep pace with a
+    conversation (speech recognition, the codecs) go first, and the engine takes what they leave."""
+
+    def __init__(self, engine: Engine, nice: int = 0) -> None:
         self.engine = engine.setup()
+        self.nice = nice if sys.platform == "linux" else 0
         self._consumers: dict[str, _Consumer] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -141,6 +149,10 @@ class AsyncEngine:
                 self._wake.set()
 
     def _run(self) -> None:
+        if self.nice:
+            thread = threading.get_native_id()
+            lower = min(os.getpriority(os.PRIO_PROCESS, thread) + self.nice, 19)
+            os.setpriority(os.PRIO_PROCESS, thread, lower)
         while not self._stop:
             if not self.engine.has_work:
                 self._wake.wait(timeout=0.5)

@@ -58,6 +58,11 @@ class GeneratorConfig(BaseModel):
     first_frames: int = Field(FIRST_FRAMES, ge=1, le=8)  # frames in a reply's first streamed item
     frames_per_chunk: int = Field(FRAMES_PER_CHUNK, ge=1, le=8)  # and in each item after it
     prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
+    # On CPU, how much lower the engine thread runs than the other replicas (`AsyncEngine`'s `nice`): it
+    # makes replies ahead of playback, greedily, while the recognizer must keep pace with speech. 8 people
+    # on 2 cores: speech_stopped → transcript p50 0.22-1.26 s in 4 runs with 5, 1.34-1.69 s in 2 with 0
+    # (bench/RESULTS.md). A GPU engine leaves the CPU to the others anyway: it applies to CPU only.
+    cpu_nice: int = Field(5, ge=0, le=19)
     host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
 
 
@@ -120,7 +125,7 @@ class CSMGenerator:
                 host_cache_bytes=cfg.host_cache_mb << 20,
             ),
         )
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, nice=cfg.cpu_nice if device.type == "cpu" else 0)
         self._batch = metrics.Histogram(
             "csm_generator_batch_size",
             description="Sequences in each frame step of the CSM engine.",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,14 +20,15 @@ from csm.audio import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_MS
 from serve_app import protocol as p
 from serve_app.services import Services
 from speech.asr import AgreedWords
-from speech.vad import SileroVad, TurnDetector, VadConfig
+from speech.vad import SileroVad, TurnDetector, VadBatcher, VadConfig
 
 if TYPE_CHECKING:
     from serve_app.conversation import Limits
 
-# The VAD runs here for every conversation of the replica: in two worker threads (torch at one thread
-# each, see TurnDetector), so a burst of audio never stalls the event loop's sockets.
-_VAD_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
+# The VAD runs here for every conversation of the replica, in one worker thread (torch at one thread, see
+# TurnDetector) that scores the chunks of every conversation waiting together as one batch: a burst of
+# audio never stalls the event loop's sockets, and eight conversations cost little more than one.
+_VAD = VadBatcher()
 
 
 class InputTurn:
@@ -124,9 +124,7 @@ class Listener:
             return
         assert self.detector is not None
         detector = self.detector
-        events = await asyncio.get_running_loop().run_in_executor(
-            _VAD_THREADS, detector.push, pcm.astype(np.float32) / 32768.0
-        )
+        events = await asyncio.wrap_future(_VAD.submit(detector, pcm.astype(np.float32) / 32768.0))
         if self.detector is not detector:  # the session changed the turn detection meanwhile
             return
         if self.turn is None:

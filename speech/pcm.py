@@ -51,11 +51,12 @@ def resampler() -> Resample:
 
 
 def resample_block(segment: np.ndarray) -> np.ndarray:
-    """`segment` = PAD_IN samples, a block (a multiple of 3), PAD_IN samples → the block at 16 kHz."""
+    """`segment` = PAD_IN samples, a block (a multiple of 3), PAD_IN samples → the block at 16 kHz. Several
+    segments of one length ([n, length]) are resampled in one call, row by row."""
     with torch.inference_mode():
-        out = resampler()(torch.from_numpy(segment)[None])[0]
-    n = (segment.shape[0] - 2 * PAD_IN) * SPEECH_SAMPLE_RATE // SAMPLE_RATE
-    return out[PAD_OUT : PAD_OUT + n].numpy()
+        out = resampler()(torch.from_numpy(segment))
+    n = (segment.shape[-1] - 2 * PAD_IN) * SPEECH_SAMPLE_RATE // SAMPLE_RATE
+    return out[..., PAD_OUT : PAD_OUT + n].numpy()
 
 
 class StreamResampler:

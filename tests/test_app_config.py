@@ -64,6 +64,23 @@ def test_serve_config_builds_the_app():
     }
 
 
+def test_stream_deployments_write_no_access_log_per_call():
+    """They are called every 160-320 ms per conversation; the others once per reply or per connection."""
+    ingress = build_app(yaml_args())._bound_deployment
+    logs = {}
+    for handle in ingress.init_args[:-1]:
+        deployment = handle._bound_deployment
+        config = deployment._deployment_config.logging_config or {}
+        logs[deployment.name] = config.get("enable_access_log", True)
+    assert logs == {
+        "CSMGenerator": True,
+        "AudioDecoder": False,
+        "AudioTokenizer": False,
+        "SpeechRecognizer": False,
+        "Responder": True,
+    }
+
+
 def test_production_config_builds_the_app_on_the_gpu(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "docker"))  # docker/ is a folder of scripts, not a package
     entrypoint = importlib.import_module("entrypoint")

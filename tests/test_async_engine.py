@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -81,3 +84,18 @@ async def test_full_engine_refuses_at_once(engine, model):
         engine.generate(p.tokens, p.mask, 200)
     with pytest.raises(ValueError, match="max_frames"):
         engine.generate(p.tokens, p.mask, 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_the_engine_thread_can_run_below_the_rest_of_the_process(model):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    eng = AsyncEngine(Engine(model, EngineConfig(max_slots=1)), nice=3)
+    try:
+        for _ in range(100):  # the thread lowers itself as it starts
+            if os.getpriority(os.PRIO_PROCESS, eng._thread.native_id) != base:
+                break
+            threading.Event().wait(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, eng._thread.native_id) == min(base + 3, 19)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's thread keeps its priority
+    finally:
+        eng.close()

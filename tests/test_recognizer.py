@@ -32,7 +32,16 @@ from speech.asr import AgreedWords, Push, make_transcriber
 from speech.asr_pocketsphinx import PocketsphinxTranscriber
 from speech.asr_whisper import Stretcher, WhisperTranscriber
 from speech.pcm import SPEECH_SAMPLE_RATE, StreamResampler, is_silent
-from speech.vad import TurnDetector, VadConfig, VadEvent, load_vad_model
+from speech.vad import (
+    SileroVad,
+    TurnDetector,
+    VadBatcher,
+    VadConfig,
+    VadEvent,
+    _silero_jit_path,
+    load_vad_model,
+    push_many,
+)
 
 MS = SAMPLES_PER_MS  # at 24 kHz
 VOICE_LEVEL = 0.02  # |sample| above this is the voice, not espeak's leading/trailing silence
@@ -191,6 +200,63 @@ def test_reset_forgets_the_stream(say):
     assert not detector.speaking
     assert detector.position_ms == 0
     assert detector.push(stream) == fresh
+
+
+def conversations(say) -> list[np.ndarray]:
+    """Four people's audio: speech at different offsets, so the streams are at different points."""
+    texts = ("hello world", "yes", "what is the weather like", "no thank you")
+    return [
+        np.concatenate([silence(200 + 300 * i), say(text), silence(1500)]) for i, text in enumerate(texts)
+    ]
+
+
+def test_detectors_pushed_together_get_what_each_gets_alone(say):
+    streams = conversations(say)
+    alone = [TurnDetector().push(stream) for stream in streams]
+    assert all([e.kind for e in events] == ["speech_started", "speech_stopped"] for events in alone)
+    detectors = [TurnDetector() for _ in streams]
+    together: list[list[VadEvent]] = [[] for _ in streams]
+    rng = np.random.default_rng(1)
+    offsets = [0] * len(streams)
+    while any(o < s.size for o, s in zip(offsets, streams, strict=True)):
+        pushes = []
+        for i, stream in enumerate(streams):  # uneven chunks: each push is 0 to 6 windows of one stream
+            if offsets[i] < stream.size:
+                size = int(rng.integers(1, 200 * MS))
+                pushes.append((i, stream[offsets[i] : offsets[i] + size]))
+                offsets[i] += size
+        for (i, _), events in zip(pushes, push_many([(detectors[i], pcm) for i, pcm in pushes]), strict=True):
+            together[i] += events
+    assert together == alone
+
+
+def test_one_batch_takes_a_detector_once_and_one_model():
+    detector = TurnDetector()
+    with pytest.raises(ValueError, match="twice"):
+        push_many([(detector, silence(100)), (detector, silence(100))])
+    other = TurnDetector(model=SileroVad(_silero_jit_path()))
+    with pytest.raises(ValueError, match="different VAD models"):
+        push_many([(detector, silence(100)), (other, silence(100))])
+    assert push_many([]) == []
+
+
+def test_the_batcher_scores_what_waits_together_and_keeps_each_detectors_order(say):
+    streams = conversations(say)
+    alone = [TurnDetector().push(stream) for stream in streams]
+    batcher = VadBatcher()
+    detectors = [TurnDetector() for _ in streams]
+    # A long first push keeps the worker busy while the others queue behind it: they make one batch.
+    first = batcher.submit(detectors[0], streams[0])
+    rest = [batcher.submit(d, s) for d, s in zip(detectors[1:], streams[1:], strict=True)]
+    assert [f.result(timeout=30) for f in [first, *rest]] == alone
+    assert batcher.pushes == 4 and batcher.batches <= 2
+    # One detector's pushes queued back to back are scored in order, in successive batches.
+    detector, stream = TurnDetector(), streams[2]
+    half = stream.size // 2
+    halves = [batcher.submit(detector, stream[:half]), batcher.submit(detector, stream[half:])]
+    assert [e for f in halves for e in f.result(timeout=30)] == alone[2]
+    with pytest.raises(ValueError, match="NaN"):  # bad audio fails at once, alone
+        batcher.submit(detector, np.full(480, np.nan, dtype=np.float32))
 
 
 @pytest.mark.parametrize(
