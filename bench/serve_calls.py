@@ -1,14 +1,17 @@
-"""What one Serve call between deployments costs in CPU, with Serve's defaults and with the app's
-`serve_app.app.REPLICA_ENV`, measured in one run.
+"""What the calls that carry a person's audio cost in CPU, by chunk size: the ingress sends each turn to
+the encoder and the recognizer `serve_app.speech.ENCODE_CHUNK` at a time (640 ms; 320 ms before).
 
-    RAY_worker_niceness=0 python bench/serve_calls.py            # 2 rounds of 1,000 calls per setting
+    RAY_worker_niceness=0 python bench/serve_calls.py            # 2 rounds of 1,000 calls per size
 
-A caller replica awaits 1,000 calls in a row on a callee replica, each carrying what the ingress sends the
-recognizer and the encoder while a person speaks (a 640 ms int16 chunk, `serve_app.speech.ENCODE_CHUNK`,
-with a multiplexed stream id), and the callee answers a short string at once. Per setting: CPU of the
-caller's and the callee's processes per call (from /proc, so every thread of each counts), and wall time
-per call; the ratio is against Serve's defaults in the same run. The two settings alternate, round by
-round, in one local Ray cluster (2 CPUs).
+A caller replica awaits 1,000 calls in a row on a callee replica, each carrying one chunk of int16 audio
+with a multiplexed stream id (as `push` on `AudioTokenizer` and `SpeechRecognizer` takes it), and the
+callee answers a short string at once: what is measured is Serve's share, not a model's. Per size: CPU of
+the caller's and the callee's processes per call (from /proc, so every thread of each counts), wall time
+per call, and CPU per second of audio sent, with its ratio against 320 ms chunks in the same run. The
+sizes alternate, round by round, in one local Ray cluster (2 CPUs). Serve's defaults throughout: with
+RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 on both replicas,
+calls of 640 ms cost 0.96-0.97 of the CPU (bench/RESULTS.md), too little to give up Serve's default of
+user code on a loop of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import ray
 from ray import serve
 
 from bench.report import machine_line, markdown
-from serve_app.app import REPLICA_ENV
+from csm.audio import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
 from serve_app.speech import ENCODE_CHUNK
 
 CALLS = 1000
@@ -48,9 +51,9 @@ class Caller:
     def __init__(self, callee) -> None:
         self.callee = callee.options(multiplexed_model_id="stream-1")
 
-    async def run(self, calls: int) -> float:
-        """Wall seconds for `calls` calls, one after another."""
-        pcm = np.zeros(ENCODE_CHUNK, np.int16)
+    async def run(self, calls: int, samples: int) -> float:
+        """Wall seconds for `calls` calls of `samples` int16 samples, one after another."""
+        pcm = np.zeros(samples, np.int16)
         began = time.perf_counter()
         for i in range(calls):
             await self.callee.push.remote(i * pcm.size, pcm)
@@ -66,10 +69,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def measure(handle, pids: tuple[int, int], calls: int) -> tuple[float, float, float]:
+def measure(handle, pids: tuple[int, int], calls: int, samples: int) -> tuple[float, float, float]:
     """(caller CPU, callee CPU, wall) per call, in seconds."""
     before = [cpu_seconds(p) for p in pids]
-    wall = handle.run.remote(calls).result()
+    wall = handle.run.remote(calls, samples).result()
     after = [cpu_seconds(p) for p in pids]
     return (after[0] - before[0]) / calls, (after[1] - before[1]) / calls, wall / calls
 
@@ -79,33 +82,29 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    settings = {"Serve's defaults": {}, "REPLICA_ENV (the app's)": REPLICA_ENV}
-    handles = {}
+    sizes = {f"{n * FRAME_MS} ms": n * FRAME_SIZE for n in (4, ENCODE_CHUNK // FRAME_SIZE)}
     try:
-        for i, (name, env) in enumerate(settings.items()):
-            actor = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
-            app = Caller.options(ray_actor_options=actor).bind(Callee.options(ray_actor_options=actor).bind())
-            handle = serve.run(app, name=f"calls{i}", route_prefix=None)
-            pids = handle.pids.remote().result()
-            handle.run.remote(50).result()  # warm: routers, connections
-            handles[name] = (handle, pids)
-        totals = {name: np.zeros(3) for name in settings}
+        handle = serve.run(Caller.bind(Callee.bind()), name="calls", route_prefix=None)
+        pids = handle.pids.remote().result()
+        handle.run.remote(50, ENCODE_CHUNK).result()  # warm: routers, connections
+        totals = {name: np.zeros(3) for name in sizes}
         for _ in range(args.rounds):
-            for name, (handle, pids) in handles.items():
-                totals[name] += measure(handle, pids, CALLS)
+            for name, samples in sizes.items():
+                totals[name] += measure(handle, pids, CALLS, samples)
     finally:
         serve.shutdown()
         ray.shutdown()
-    base = totals["Serve's defaults"][:2].sum()
+    per_audio_s = {name: totals[name][:2].sum() / args.rounds * SAMPLE_RATE / sizes[name] for name in sizes}
+    base = next(iter(per_audio_s.values()))
     rows = []
     for name, total in totals.items():
         caller, callee, wall = total / args.rounds * 1000
-        rows.append([name, f"{caller:.2f}", f"{callee:.2f}", f"{caller + callee:.2f}", f"{wall:.2f}"])
-        rows[-1].append(f"{total[:2].sum() / base:.2f}")
+        cells = [f"{caller:.2f}", f"{callee:.2f}", f"{caller + callee:.2f}", f"{wall:.2f}"]
+        rows.append([name, *cells, f"{per_audio_s[name] * 1000:.1f}", f"{per_audio_s[name] / base:.2f}"])
     print(machine_line())
     print(f"# date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; command: python bench/serve_calls.py")
-    print(f"# {args.rounds} rounds of {CALLS} calls a setting, alternating; {ENCODE_CHUNK} samples a call\n")
-    header = ["setting", "caller CPU ms", "callee CPU ms", "both ms", "wall ms", "CPU vs defaults"]
+    print(f"# {args.rounds} rounds of {CALLS} calls per chunk size, alternating\n")
+    header = ["chunk", "caller CPU ms", "callee CPU ms", "both ms", "wall ms", "CPU ms per audio s", "ratio"]
     print(markdown(header, rows, left={0}))
     return 0
 

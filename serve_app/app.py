@@ -28,15 +28,6 @@ from serve_app.ingress import ConversationIngress
 from serve_app.ingress_config import IngressConfig
 from speech.reply_config import ResponderConfig
 
-# Every replica runs its own code on Serve's main event loop and routes its calls to the other deployments
-# from that loop. Serve's default (a thread with a second loop for each, and a hand-off per request) cost
-# ~25% more CPU per call on both sides (4.4 against 6.1 ms, bench/RESULTS.md), and a turn makes dozens of
-# calls. It is safe here because no replica blocks its loop: model work runs in worker threads.
-REPLICA_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-}
-
 # Shares of one GPU when the models run on it (one g4dn.xlarge T4 holds a replica of each).
 GPU_FRACTIONS = {"generator": 0.6, "decoder": 0.15, "tokenizer": 0.15, "recognizer": 0.1}
 DEPLOYMENTS = ("generator", "decoder", "tokenizer", "recognizer", "responder", "ingress")
@@ -96,10 +87,9 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     share = _gpu_fractions() if gpu else dict.fromkeys(GPU_FRACTIONS, 0.0)
 
     def on(name: str, **defaults) -> dict:
-        actor: dict = {"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}
+        options: dict = {}
         if name in share:
-            actor["num_gpus"] = share[name]
-        options: dict = {"ray_actor_options": actor}
+            options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": share[name]}
         if name in ("decoder", "tokenizer", "recognizer"):
             # Called every 160-640 ms per conversation: a log line per call costs CPU and disk for nothing.
             options["logging_config"] = {"enable_access_log": False}

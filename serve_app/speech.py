@@ -27,9 +27,9 @@ from csm.requests import Frames, PromptUse, SpeechRequest
 log = logging.getLogger(__name__)
 
 # Audio sent per call while the person speaks (to the encoder, and to the recognizer when it streams):
-# 640 ms. Each call costs ~4 ms of CPU (Serve's handle and replica, both sides, on 2 cores) whatever it
-# carries, so fewer, larger calls leave the cores to the models; what is left to encode and recognize when
-# the turn ends is at most one such chunk, mostly the VAD's 500 ms of silence.
+# 640 ms. Each call costs 3.5-5.5 ms of CPU (Serve's handle and replica, both sides, on 2 cores) whatever
+# it carries (bench/serve_calls.py), so fewer, larger calls leave the cores to the models; what is left to
+# encode and recognize when the turn ends is at most one such chunk, mostly the VAD's 500 ms of silence.
 ENCODE_CHUNK = 8 * FRAME_SIZE
 
 Result = TypeVar("Result")
