@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -684,48 +683,4 @@ def _encode_chunk(
     h = _seanet_step(parts.encoder_seanet, state.seanet, pcm, active, final)  # [S, D, L / 960]
     h = _transformer_step(parts.encoder_transformer, state.transformer, h.transpose(1, 2), active)
     latents = _conv_step(parts.downsample, state.downsample, h.transpose(1, 2), active, final)
-    return quantize(parts.quantizer, latents).transpose(0, 1)
-
-
-def quantize(quantizer: nn.Module, latents: Tensor) -> Tensor:
-    """Mimi's split residual quantizer: `quantizer.encode(latents, NUM_CODEBOOKS)` ([K, S, T] codes), the
-    same codes computed the same way, with each codebook's half of the distance matmul made once instead
-    of at every call (torch.cdist, which transformers calls per codebook, was a third of the tokenizer's
-    CPU with the `tiny` codec)."""
-    semantic = quantizer.semantic_residual_vector_quantizer
-    acoustic = quantizer.acoustic_residual_vector_quantizer
-    codes = _residual_codes(semantic, latents, len(semantic.layers))
-    rest = NUM_CODEBOOKS - quantizer.num_semantic_quantizers
-    return torch.cat([codes, _residual_codes(acoustic, latents, rest)]) if rest > 0 else codes
-
-
-def _residual_codes(rvq: nn.Module, latents: Tensor, n: int) -> Tensor:
-    # As MimiResidualVectorQuantizer.encode: project, then each layer codes what the ones before left.
-    residual = rvq.input_proj(latents) if rvq.input_proj is not None else latents
-    out = []
-    for layer in rvq.layers[:n]:
-        book = layer.codebook
-        x = residual.permute(0, 2, 1)
-        codes = _nearest(x.reshape(-1, x.shape[-1]), book).view(*x.shape[:-1])
-        residual = residual - F.embedding(codes, book.embed).permute(0, 2, 1)
-        out.append(codes)
-    return torch.stack(out)
-
-
-# A codebook's `[c, 1, |c|²]` rows, as torch.cdist pads its second argument, kept with the module.
-_PADDED_BOOKS: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
-
-
-def _nearest(x: Tensor, book: nn.Module) -> Tensor:
-    """Index of the nearest code of each row of `x` ([N, D]): torch.cdist's own arithmetic (its matmul
-    path, which it takes for any codebook over 25 codes) on the same shapes, so the same floats, ties
-    included; only the codebook's padding is cached."""
-    padded = _PADDED_BOOKS.get(book)
-    if padded is None:
-        embed = book.embed[None].float()
-        norm = embed.pow(2).sum(-1, keepdim=True)
-        padded = _PADDED_BOOKS[book] = torch.cat([embed, torch.ones_like(norm), norm], -1)
-    x = x[None].float()
-    norm = x.pow(2).sum(-1, keepdim=True)
-    rows = torch.cat([x.mul(-2), norm, torch.ones_like(norm)], -1)
-    return rows.matmul(padded.mT).clamp_min_(0).sqrt_()[0].argmin(dim=-1)
+    return parts.quantizer.encode(latents, NUM_CODEBOOKS).transpose(0, 1)

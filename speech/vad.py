@@ -96,7 +96,7 @@ class SileroVad:
     then an LSTM cell over the windows in order. We call those parts ourselves: the features of every
     window waiting, of every stream, in one batch, then one LSTM step per window position for all the
     streams that have one. Each `TurnDetector` keeps its own state and context; one copy of the weights
-    (~2 MB) serves all streams. A window costs ~0.45 ms scored alone, ~0.06 ms in a batch of 24.
+    (~2 MB) serves all streams.
     """
 
     context_samples = 64  # the wrapper prepends the previous window's last 64 samples
@@ -171,11 +171,11 @@ class TurnDetector:
     reports the start of the first window scored as speech (the caller applies `prefix_padding_ms`);
     `speech_stopped` reports where silence began, once `silence_duration_ms` of it has passed.
 
-    Cost: ~0.55 ms per 32 ms window pushed alone (≈2% of a core per conversation), with torch pinned to one
-    thread; a push's windows are scored together, and `push_many` / `VadBatcher` score many detectors'
-    windows together, ~0.06 ms each in a batch of 24. With two torch threads on a busy machine each step
-    took 2.5–30 ms: every small op waits for the second OpenMP thread. Run it in a process pinned to one
-    torch thread (`CSM_TORCH_THREADS=1`), as the Serve replicas are.
+    Cost (`bench/vad.py`, one torch thread, 80 ms pushes): ~0.65 ms per 32 ms window pushed alone (≈2% of a
+    core per conversation); `push_many` / `VadBatcher` score many detectors' pushes together, 0.23 ms a
+    window for 8 conversations, 0.18 ms for 16. With two torch threads on a busy machine each step took
+    2.5–30 ms: every small op waits for the second OpenMP thread. Run it in a process pinned to one torch
+    thread (`CSM_TORCH_THREADS=1`), as the Serve replicas are.
     Not thread-safe: one conversation's pushes come from one task.
     """
 
@@ -259,7 +259,8 @@ def push_many(pushes: Sequence[tuple[TurnDetector, np.ndarray]]) -> list[list[Va
         raise ValueError("detectors of different VAD models cannot be scored together")
     if not pushes:
         return []
-    inputs = [d._inputs(pcm) for d, pcm in pushes]
+    samples = [check_pcm(pcm) for _, pcm in pushes]  # bad audio fails before any detector moves on
+    inputs = [d._inputs(pcm) for (d, _), pcm in zip(pushes, samples, strict=True)]
     probs, states = pushes[0][0]._model.probabilities(inputs, [d._state for d, _ in pushes])
     out = []
     for (detector, _), p, state in zip(pushes, probs, states, strict=True):

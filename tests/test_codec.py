@@ -21,7 +21,7 @@ from csm.codec import (
     preset_config,
     random_codec,
 )
-from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder, StreamingEncoder, _nearest, quantize
+from csm.codec_streaming import RECOVERY_FRAMES, StreamingDecoder, StreamingEncoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,26 +127,6 @@ def test_stream_sitting_out_steps_continues_seamlessly(codec) -> None:
         assert cursor[slot] == codes[slot].shape[1]
         whole = codec.decode(codes[slot][None])[0]
         assert _relative_rms(torch.cat(produced[slot]), whole) <= 1e-5
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (3, 4), (2, 60)])
-def test_quantize_gives_transformers_codes(codec, shape) -> None:
-    quantizer = codec.parts.quantizer
-    channels = quantizer.semantic_residual_vector_quantizer.input_proj.in_channels
-    latents = torch.randn(shape[0], channels, shape[1], generator=torch.Generator().manual_seed(sum(shape)))
-    with torch.no_grad():
-        assert torch.equal(quantize(quantizer, latents), quantizer.encode(latents, NUM_CODEBOOKS))
-
-
-def test_nearest_code_breaks_ties_as_cdist_does(codec) -> None:
-    book = codec.parts.quantizer.acoustic_residual_vector_quantizer.layers[0].codebook
-    embed = book.embed
-    # Rows exactly on codes, halfway between two codes (a tie both ways), and near a code.
-    rows = torch.stack([embed[7], (embed[3] + embed[900]) / 2, (embed[900] + embed[3]) / 2, embed[5] + 1e-6])
-    rows = torch.cat([rows, torch.randn(60, embed.shape[1], generator=torch.Generator().manual_seed(0))])
-    expected = torch.cdist(rows[None], embed[None], p=2)[0].argmin(dim=-1)
-    assert torch.equal(_nearest(rows, book), expected)
-    assert expected[0] == 7
 
 
 def test_streaming_encode_matches_whole_encode(codec) -> None:

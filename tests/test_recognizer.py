@@ -240,6 +240,14 @@ def test_one_batch_takes_a_detector_once_and_one_model():
     assert push_many([]) == []
 
 
+def test_bad_audio_in_a_batch_moves_no_detector_on(say):
+    stream = np.concatenate([silence(500), say("hello world"), silence(1500)])
+    good = TurnDetector()
+    with pytest.raises(ValueError, match="NaN"):
+        push_many([(good, stream[: 100 * MS]), (TurnDetector(), np.full(480, np.nan, dtype=np.float32))])
+    assert good.push(stream) == TurnDetector().push(stream)  # the refused 100 ms were never taken
+
+
 def test_the_batcher_scores_what_waits_together_and_keeps_each_detectors_order(say):
     streams = conversations(say)
     alone = [TurnDetector().push(stream) for stream in streams]
