@@ -60,8 +60,8 @@ class GeneratorConfig(BaseModel):
     prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
     # On CPU, how much lower the engine thread runs than the other replicas (`AsyncEngine`'s `nice`): it
     # makes replies ahead of playback, greedily, while the recognizer must keep pace with speech. 8 people
-    # on 2 cores: speech_stopped → transcript p50 0.22-1.26 s in 4 runs with 5, 1.34-1.69 s in 2 with 0
-    # (bench/RESULTS.md). A GPU engine leaves the CPU to the others anyway: it applies to CPU only.
+    # on 2 cores: speech_stopped → transcript p50 0.22-1.26 s in nine runs with 5, 1.34-1.69 s in two with
+    # 0 (bench/RESULTS.md). A GPU engine leaves the CPU to the others anyway: it applies to CPU only.
     cpu_nice: int = Field(5, ge=0, le=19)
     host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from serve_app.conversation import Limits
 
 # The VAD runs here for every conversation of the replica, in one worker thread (torch at one thread, see
-# TurnDetector) that scores the chunks of every conversation waiting together as one batch: a burst of
-# audio never stalls the event loop's sockets, and eight conversations cost little more than one.
+# TurnDetector) that scores the chunks of the conversations waiting together as one batch: a burst of
+# audio never stalls the event loop's sockets, and chunks that coincide share a pass (bench/vad.py).
 _VAD = VadBatcher()
 
 

@@ -271,8 +271,9 @@ def push_many(pushes: Sequence[tuple[TurnDetector, np.ndarray]]) -> list[list[Va
 
 class VadBatcher:
     """Every conversation's `TurnDetector` pushes in one process, scored in one worker thread: the pushes
-    that arrive while a batch is scored make the next batch (`push_many`), so many conversations cost
-    little more than one. A caller waits on the future of its push; one push per detector at a time."""
+    that arrive while a batch is scored make the next batch (`push_many`), so conversations whose audio
+    waits together share one pass of the model. A caller waits on the future of its push; one push per
+    detector at a time."""
 
     def __init__(self, max_batch: int = 64) -> None:
         self.max_batch = max_batch
@@ -299,13 +300,14 @@ class VadBatcher:
                 jobs.append(self._jobs.get_nowait())
             # A caller that gave up (its connection closed) is skipped: that detector is not used again.
             jobs = [job for job in jobs if job[2].set_running_or_notify_cancel()]
-            while jobs:  # a detector or a model seen twice waits for the next round
+            while jobs:  # from a detector seen twice, or another model, on: the next round, in order
                 batch, later, seen = [], [], set()
                 for job in jobs:
-                    key = id(job[0])
-                    same_model = not batch or job[0]._model is batch[0][0]._model
-                    (batch if key not in seen and same_model and not later else later).append(job)
-                    seen.add(key)
+                    detector = job[0]
+                    fits = not later and id(detector) not in seen
+                    fits = fits and (not batch or detector._model is batch[0][0]._model)
+                    (batch if fits else later).append(job)
+                    seen.add(id(detector))
                 jobs = later
                 self._score(batch)
 
