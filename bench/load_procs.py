@@ -37,9 +37,22 @@ def processes() -> Iterator[Proc]:
             cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # it exited meanwhile
             continue
-        # The command name in field 2 may hold spaces and parentheses: the fields after its last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        yield Proc(int(entry.name), int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) * TICK_S)
+        fields = _stat_fields(stat)
+        yield Proc(int(entry.name), int(fields[1]), cmdline, _cpu_s(fields))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    return _cpu_s(_stat_fields(Path(f"/proc/{pid}/stat").read_text()))
+
+
+def _stat_fields(stat: str) -> list[str]:
+    # The command name in field 2 may hold spaces and parentheses: the fields after its last ')'.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _cpu_s(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
 def ray_clusters() -> int:

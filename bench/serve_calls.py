@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray
 from ray import serve
 
+from bench.load_procs import cpu_seconds
 from bench.report import machine_line, markdown
 from csm.audio import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
 from serve_app.speech import ENCODE_CHUNK
@@ -61,12 +62,6 @@ class Caller:
 
     async def pids(self) -> tuple[int, int]:
         return os.getpid(), await self.callee.pid.remote()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def measure(handle, pids: tuple[int, int], calls: int, samples: int) -> tuple[float, float, float]:

@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine_line, markdown
 from csm.audio import FRAME_SIZE, SAMPLE_RATE
 from devtools.realtime_client import speech
-from speech.vad import TurnDetector, push_many
+from speech.vad import _WINDOW_IN, TurnDetector, push_many
 
-WINDOW_IN = SAMPLE_RATE * 32 // 1000  # a VAD window at 24 kHz
 TRIALS = 3
 
 
@@ -63,8 +62,8 @@ def main() -> int:
     audio = said.astype(np.float32) / 32768.0
     rows = []
     for n in args.conversations:
-        streams = [np.roll(audio, 3 * WINDOW_IN * i) for i in range(n)]
-        windows = n * (audio.size // WINDOW_IN)
+        streams = [np.roll(audio, 3 * _WINDOW_IN * i) for i in range(n)]
+        windows = n * (audio.size // _WINDOW_IN)
         _, alone_events = run(streams, together=False)
         _, together_events = run(streams, together=True)
         if alone_events != together_events:

@@ -215,9 +215,10 @@ class TurnDetector:
         """Add float mono 24 kHz samples (any chunk size) and return the events they complete, in order."""
         return push_many([(self, pcm)])[0]
 
-    def _inputs(self, pcm: np.ndarray) -> Tensor:
-        """The model inputs ([k, 64 + 512]) of the k windows that `pcm` completes; the rest waits."""
-        buffer = np.concatenate([self._pending, check_pcm(pcm)])
+    def _inputs(self, samples: np.ndarray) -> Tensor:
+        """The model inputs ([k, 64 + 512]) of the k windows that `samples` (checked float PCM) complete;
+        the rest waits."""
+        buffer = np.concatenate([self._pending, samples])
         k = max((buffer.shape[0] - _SEGMENT_IN) // _WINDOW_IN + 1, 0)
         self._pending = buffer[k * _WINDOW_IN :].copy()
         if k == 0:
