@@ -20,14 +20,12 @@ from bench.gpu_budget import Sizes
 from bench.gpu_engine import MIMI_CODES, prompt_of_rows, sampling
 from bench.gpu_table import DTYPE_NAMES, Row
 from bench.measure import count_kernels, peak_gib, reset_peak
-from csm.async_engine import FRAMES_PER_CHUNK, AsyncEngine, chunks
+from csm.async_engine import FRAMES_PER_CHUNK, MAX_FRAMES_PER_CHUNK, AsyncEngine, chunks
 from csm.audio import FRAME_SECONDS, FRAME_SIZE
 from csm.codec import NUM_CODEBOOKS, MimiCodec
 from csm.codec_streaming import DecodeChunk, StreamingDecoder, decode_pcm16
 from csm.engine import Engine
 from csm.prompt import PromptBuilder
-
-DECODER_MAX_FRAMES = 4  # AudioDecoder's default max_frames_per_call
 
 
 def decode_chunks(decoder: StreamingDecoder, chunks: list[tuple[int, np.ndarray, bool]]) -> list[np.ndarray]:
@@ -85,8 +83,9 @@ async def _speak(
     engine: AsyncEngine, batcher: _DecodeBatcher, builder: PromptBuilder, slot: int, frames: int, rows: int
 ) -> _Spoken:
     """One reply as CSMGenerator.generate streams it (`csm.async_engine.chunks`: FIRST_FRAMES, then
-    FRAMES_PER_CHUNK at a time, int16 codes as the engine made them) and as serve_app/speech.py ReplyStream
-    sends it to AudioDecoder.decode (CSM's special ids, past Mimi's codes, heard as code 0)."""
+    FRAMES_PER_CHUNK to MAX_FRAMES_PER_CHUNK at a time, int16 codes as the engine made them) and as
+    serve_app/speech.py ReplyStream sends it to AudioDecoder.decode (CSM's special ids, past Mimi's codes,
+    heard as code 0)."""
     prompt = prompt_of_rows(builder, rows, seed=1000 + slot)
     start = time.perf_counter()
     pieces: list[np.ndarray] = []
@@ -100,7 +99,7 @@ async def _speak(
 
 
 async def _e2e(engine: Engine, builder: PromptBuilder, codec: MimiCodec, sizes: Sizes) -> list[_Spoken]:
-    decoder = StreamingDecoder(codec, sizes.e2e_streams, max_frames_per_step=DECODER_MAX_FRAMES)
+    decoder = StreamingDecoder(codec, sizes.e2e_streams, max_frames_per_step=MAX_FRAMES_PER_CHUNK)
     batcher = _DecodeBatcher(decoder)
     front = AsyncEngine(engine)
     rows = sizes.contexts[0]
@@ -159,7 +158,7 @@ def stream_vs_whole(codec: MimiCodec, frames: int) -> float:
 def mimi_row(codec: MimiCodec, streams: int, steps: int) -> Row:
     """Decoder steps of FRAMES_PER_CHUNK frames for every stream at once, int16 PCM to the host each step."""
     dev = codec.device
-    decoder = StreamingDecoder(codec, streams, max_frames_per_step=DECODER_MAX_FRAMES)
+    decoder = StreamingDecoder(codec, streams, max_frames_per_step=MAX_FRAMES_PER_CHUNK)
     for slot in range(streams):
         decoder.open(slot)
     g = torch.Generator().manual_seed(streams)

@@ -13,13 +13,15 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
 
+from csm.audio import FRAME_SECONDS
 from csm.engine import Engine, FrameEvent, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -29,23 +31,46 @@ log = logging.getLogger(__name__)
 # made. One 80 ms frame alone left 28 of 34 underruns in replies' first 0.5 s under load; two (160 ms) still
 # 14 of 16 at 8 people on 2 cores, where the next two frames and their decode took about as long as they
 # play; three: 2 of 12, for one frame step more before the first audio (bench/RESULTS.md, "Load"). Then
-# FRAMES_PER_CHUNK at a time: fewer stream items and decoder calls, whose overhead every conversation pays.
+# FRAMES_PER_CHUNK at a time while the listener's buffer is short, and up to MAX_FRAMES_PER_CHUNK once the
+# reply is ahead of its playback. Every item costs a stream item, a decoder call and a socket message (an
+# API Gateway post in production): 4-frame items took the decoder, ingress and proxy replicas from 0.31 to
+# about 0.23 cores at 2 people on 2 cores, but a fixed 4-frame item right after the first left the player
+# 115 ms less slack and more replies underran (bench/RESULTS.md, "Load", 2026-12-08).
 FIRST_FRAMES = 3
 FRAMES_PER_CHUNK = 2
+MAX_FRAMES_PER_CHUNK = 4
+
+
+def item_frames(lead_s: float, per: int = FRAMES_PER_CHUNK, most: int = MAX_FRAMES_PER_CHUNK) -> int:
+    """Frames the next item may hold when the listener has `lead_s` of the reply's audio not yet played:
+    up to half of it (so the player still holds the other half when the item arrives, at real-time
+    generation), between `per` and `most`."""
+    return max(per, min(most, int(lead_s / (2 * FRAME_SECONDS))))
 
 
 async def chunks(
-    frames: AsyncIterator[np.ndarray], first: int = FIRST_FRAMES, per: int = FRAMES_PER_CHUNK
+    frames: AsyncIterator[np.ndarray],
+    first: int = FIRST_FRAMES,
+    per: int = FRAMES_PER_CHUNK,
+    most: int = MAX_FRAMES_PER_CHUNK,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncGenerator[np.ndarray, None]:
-    """`frames` ([32] each) as stream items ([k, 32] int16): `first` frames, then `per` at a time, then
-    whatever is left when the frames end."""
+    """`frames` ([32] each) as stream items ([k, 32] int16): `first` frames, then `item_frames(lead)` at a
+    time, then whatever is left when the frames end. The lead is what the listener has not played yet,
+    counted from the first item's yield, as a player that starts at the first item plays: the audio
+    yielded less the time since. Held frames wait at most for the item to fill: it is sized to half the
+    lead, so the player keeps the other half meanwhile."""
     pending: list[np.ndarray] = []
-    want = first
+    want, sent, started = first, 0, 0.0
     async for codes in frames:
         pending.append(codes.astype(np.int16))
+        if sent:
+            want = item_frames(sent * FRAME_SECONDS - (clock() - started), per, most)
         if len(pending) >= want:
+            if not sent:
+                started = clock()
             yield np.stack(pending)
-            pending, want = [], per
+            sent, pending = sent + len(pending), []
     if pending:
         yield np.stack(pending)
 

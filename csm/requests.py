@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, AsyncEngine, chunks
+from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, MAX_FRAMES_PER_CHUNK, AsyncEngine, chunks
 from csm.engine import SamplingParams
 from csm.prompt import PromptBuilder, Segment
 from csm.sampling import TEMPERATURE, TOP_K
@@ -60,11 +60,13 @@ async def speak(
     request: SpeechRequest,
     first_frames: int = FIRST_FRAMES,
     frames_per_chunk: int = FRAMES_PER_CHUNK,
+    max_frames_per_chunk: int = MAX_FRAMES_PER_CHUNK,
 ) -> AsyncGenerator[Frames, None]:
     """`request`'s frames as stream items (`chunks`: `first_frames`, with how the prompt was paid for, then
-    `frames_per_chunk` at a time). The prompt is built here (ValueError for a bad request); the engine
-    reuses the conversation's cached rows (`conversation_id`) and the voice's shared prefix. Leaving early
-    cancels the generation, which frees its slot (its rows stay parked for the conversation's next reply).
+    `frames_per_chunk` to `max_frames_per_chunk` at a time, by how far the reply is ahead of playback). The
+    prompt is built here (ValueError for a bad request); the engine reuses the conversation's cached rows
+    (`conversation_id`) and the voice's shared prefix. Leaving early cancels the generation, which frees its
+    slot (its rows stay parked for the conversation's next reply).
     """
     prompt = builder.build(
         request.context, request.speaker, request.text, request.max_frames, request.keep_first
@@ -80,7 +82,7 @@ async def speak(
     )
     try:
         use: PromptUse | None = None
-        async for codes in chunks(frames, first_frames, frames_per_chunk):
+        async for codes in chunks(frames, first_frames, frames_per_chunk, max_frames_per_chunk):
             first, use = use is None, use or PromptUse(len(prompt), frames.reused or 0)
             yield Frames(codes, use if first else None)
     finally:

@@ -18,6 +18,7 @@ from pydantic import Field
 from ray import serve
 from ray.serve import metrics
 
+from csm.async_engine import MAX_FRAMES_PER_CHUNK
 from csm.codec import NUM_CODEBOOKS
 from csm.codec_streaming import RECOVERY_FRAMES, DecodeChunk, StreamingDecoder, decode_pcm16
 from deployments.streams import CodecConfig, CodecReplica
@@ -28,9 +29,10 @@ __all__ = ["RECOVERY_FRAMES", "AudioDecoder", "DecoderConfig"]
 
 
 class DecoderConfig(CodecConfig):
-    """Constructor arguments: the codec's, and the most frames one `decode` call may carry."""
+    """Constructor arguments: the codec's, and the most frames one `decode` call may carry (at least the
+    generator's largest item: `AppArgs` checks)."""
 
-    max_frames_per_call: int = Field(4, ge=1, le=16)
+    max_frames_per_call: int = Field(MAX_FRAMES_PER_CHUNK, ge=1, le=16)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)

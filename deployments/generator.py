@@ -14,11 +14,11 @@ from collections.abc import AsyncGenerator
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import metrics
 
-from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, AsyncEngine
+from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, MAX_FRAMES_PER_CHUNK, AsyncEngine
 from csm.engine import (
     Engine,
     EngineConfig,
@@ -56,7 +56,8 @@ class GeneratorConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1)
     prefill_threads: int | None = Field(None, ge=1)  # CPU: threads for prefill steps (EngineConfig)
     first_frames: int = Field(FIRST_FRAMES, ge=1, le=8)  # frames in a reply's first streamed item
-    frames_per_chunk: int = Field(FRAMES_PER_CHUNK, ge=1, le=8)  # and in each item after it
+    frames_per_chunk: int = Field(FRAMES_PER_CHUNK, ge=1, le=8)  # and in each item after it, at least
+    max_frames_per_chunk: int = Field(MAX_FRAMES_PER_CHUNK, ge=1, le=8)  # at most, once the reply is ahead
     prefix_cache: bool = True  # keep each conversation's KV between replies (and share voice prefixes)
     # On CPU, how much lower the engine thread runs than the other replicas (`AsyncEngine`'s `nice`): it
     # makes replies ahead of playback, greedily, while the recognizer must keep pace with speech. 8 people
@@ -64,6 +65,20 @@ class GeneratorConfig(BaseModel):
     # 0 (bench/RESULTS.md). A GPU engine leaves the CPU to the others anyway: it applies to CPU only.
     cpu_nice: int = Field(5, ge=0, le=19)
     host_cache_mb: int = Field(0, ge=0)  # host memory for KV evicted from the device (pinned on CUDA)
+
+    @model_validator(mode="after")
+    def _item_sizes(self) -> GeneratorConfig:
+        if self.max_frames_per_chunk < self.frames_per_chunk:
+            raise ValueError(
+                f"max_frames_per_chunk ({self.max_frames_per_chunk}) is below frames_per_chunk"
+                f" ({self.frames_per_chunk})"
+            )
+        return self
+
+    @property
+    def largest_item(self) -> int:
+        """The most frames one streamed item holds (what the decoder must take in one call)."""
+        return max(self.first_frames, self.max_frames_per_chunk)
 
 
 def auto_slots(args: ModelArgs, dtype: torch.dtype, device: torch.device, fraction: float | None) -> int:
@@ -113,6 +128,7 @@ class CSMGenerator:
         self.builder = PromptBuilder(tokenizer, model.args, cache_rows=slots * model.args.max_seq_len)
         self.first_frames = cfg.first_frames
         self.frames_per_chunk = cfg.frames_per_chunk
+        self.max_frames_per_chunk = cfg.max_frames_per_chunk
         self.kv_bytes_per_row = kv_bytes_per_row(model.args, dtype)
         engine = Engine(
             model,
@@ -159,13 +175,15 @@ class CSMGenerator:
 
     async def generate(self, request: SpeechRequest) -> AsyncGenerator[Frames, None]:
         """Chunks of frames as they are made (`csm.requests.speak`): `first_frames`, with how the prompt was
-        paid for, then `frames_per_chunk` at a time. ValueError for a bad request, EngineFull when busy.
+        paid for, then `frames_per_chunk` to `max_frames_per_chunk` at a time, more as the reply gets ahead
+        of its playback (`csm.async_engine.chunks`). ValueError for a bad request, EngineFull when busy.
         Call with `handle.options(stream=True).generate.remote(request)`; cancelling the call frees the slot
         (its rows stay parked for the conversation's next reply)."""
         self._ensure_metrics_task()
         loop = asyncio.get_running_loop()
         start = loop.time()
-        async for item in speak(self.engine, self.builder, request, self.first_frames, self.frames_per_chunk):
+        sizes = self.first_frames, self.frames_per_chunk, self.max_frames_per_chunk
+        async for item in speak(self.engine, self.builder, request, *sizes):
             if item.prompt is not None:
                 self._ttff.observe(loop.time() - start)
                 self._prefilled.observe(item.prompt.prefilled)

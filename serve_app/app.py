@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
 from deployments.decoder import AudioDecoder, DecoderConfig
@@ -62,6 +62,17 @@ class AppArgs(BaseModel):
         if unknown:
             raise ValueError(f"unknown deployments {sorted(unknown)}; known: {list(DEPLOYMENTS)}")
         return options
+
+    @model_validator(mode="after")
+    def _decoder_takes_every_item(self) -> AppArgs:
+        # Each streamed item of frames becomes one decoder call: a larger one would fail every reply.
+        largest, takes = self.generator.largest_item, self.decoder.max_frames_per_call
+        if largest > takes:
+            raise ValueError(
+                f"the generator streams items of up to {largest} frames (first_frames, max_frames_per_chunk)"
+                f" but decoder.max_frames_per_call is {takes}"
+            )
+        return self
 
 
 def _inherit(config: Config, **app_wide: str | None) -> Config:

@@ -19,7 +19,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
-from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, AsyncEngine
+from csm.async_engine import FIRST_FRAMES, FRAMES_PER_CHUNK, MAX_FRAMES_PER_CHUNK, AsyncEngine
 from csm.codec import MimiCodec
 from csm.codec_streaming import (
     DecodeChunk,
@@ -195,6 +195,7 @@ class LocalServices:
         max_streams: int = 4,
         first_frames: int = FIRST_FRAMES,
         frames_per_chunk: int = FRAMES_PER_CHUNK,
+        max_frames_per_chunk: int = MAX_FRAMES_PER_CHUNK,
     ) -> None:
         self.engine = engine
         self.builder = builder
@@ -202,8 +203,9 @@ class LocalServices:
         self.writer = writer
         self.first_frames = first_frames
         self.frames_per_chunk = frames_per_chunk
+        self.max_frames_per_chunk = max_frames_per_chunk
         self.encoder = StreamingEncoder(codec, max_streams)
-        per_step = max(first_frames, frames_per_chunk)
+        per_step = max(first_frames, frames_per_chunk, max_frames_per_chunk)
         self.decoder = StreamingDecoder(codec, max_streams, max_frames_per_step=per_step)
         self._encoder_slots = _Slots(max_streams, "encoder")
         self._decoder_slots = _Slots(max_streams, "decoder")
@@ -270,4 +272,5 @@ class LocalServices:
     def _generate(self, request: SpeechRequest) -> AsyncIterator[Frames]:
         """As `CSMGenerator.generate`, less its metrics (`csm.requests.speak`). Started lazily, so a reply
         cancelled before it starts holds no engine slot; leaving early cancels the generation."""
-        return speak(self.engine, self.builder, request, self.first_frames, self.frames_per_chunk)
+        sizes = self.first_frames, self.frames_per_chunk, self.max_frames_per_chunk
+        return speak(self.engine, self.builder, request, *sizes)

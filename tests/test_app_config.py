@@ -142,6 +142,13 @@ def test_app_wide_values_fill_only_what_a_section_leaves_unset(monkeypatch):
     [
         ({"generator": {"max_slots": 0}}, "generator.max_slots"),
         ({"generator": {"max_slot": 4}}, "generator.max_slot"),
+        ({"generator": {"frames_per_chunk": 3, "max_frames_per_chunk": 2}}, "max_frames_per_chunk"),
+        # items the decoder would refuse, every reply failing: refused at build
+        ({"generator": {"max_frames_per_chunk": 8}}, "decoder.max_frames_per_call"),
+        (
+            {"generator": {"first_frames": 6}, "decoder": {"max_frames_per_call": 5}},
+            "decoder.max_frames_per_call",
+        ),
         ({"decoder": {"num_slots": "many"}}, "decoder.num_slots"),
         ({"tokenizer": {"num_slots": 0}}, "tokenizer.num_slots"),
         ({"responder": {"backend": "telepathy"}}, "responder.backend"),
@@ -156,3 +163,9 @@ def test_app_wide_values_fill_only_what_a_section_leaves_unset(monkeypatch):
 def test_bad_config_fails_at_build_naming_the_field(args, field):
     with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
         build_app(args)
+
+
+def test_larger_generator_items_build_with_a_decoder_that_takes_them():
+    args = {"generator": {"max_frames_per_chunk": 8}, "decoder": {"max_frames_per_call": 8}}
+    got = bound(build_app(args))
+    assert got["CSMGenerator"][0].largest_item == got["AudioDecoder"][0].max_frames_per_call == 8

@@ -129,9 +129,10 @@ async def test_typed_turn_gets_a_reply_and_the_history_grows(session):
     deltas = of_type(events, "response.output_audio.delta")
     sizes = [len(base64.b64decode(d["delta"])) // 2 for d in deltas]
     frames = expected_frames(reply, REPLY_S)
-    # FIRST_FRAMES first (240 ms start the page's playback at once), then two a delta, an odd frame last.
-    rest = frames - FIRST_FRAMES
-    assert sizes == [FIRST_FRAMES * FRAME] + [2 * FRAME] * (rest // 2) + [FRAME] * (rest % 2)
+    # FIRST_FRAMES first (240 ms start the page's playback at once), then two to four a delta (more as the
+    # reply gets ahead of playback), whatever is left last.
+    assert sizes[0] == FIRST_FRAMES * FRAME and sum(sizes) == frames * FRAME
+    assert {s // FRAME for s in sizes[1:-1]} <= {2, 3, 4} and 1 <= sizes[-1] // FRAME <= 4
     assert audio_samples(events) == frames * FRAME
     user, assistant = session.conversation.history
     assert (user.role, user.text) == ("user", "what is the weather like")
