@@ -33,7 +33,9 @@ Columns (one row per N):
   script started: every process below it; with `--url`, every process whose command line has `ray::`,
   `raylet` or `gcs_server`), start/peak/end of the run, and the least-squares growth per minute.
 
-Under the table, per N: reply length and streaming speed, where underruns began, the turn latency split
+Under the table, per N: the run's wall time, load average and `cpu probe` before and after it (how fast a
+core of this machine ran: `bench.report.cpu_probe_ms`; a slower VM moves every number here), reply
+length and streaming speed, where underruns began, the turn latency split
 at `conversation.item.input_audio_transcription.completed` (the server's encode flush and ASR, then
 reply text, generation and decoding), each server process's CPU (cores) and RSS growth, memory over time,
 and the clients' own CPU and event-loop lag: they run on the server's machine, in this process, and a
@@ -86,6 +88,7 @@ from bench.load_client import (
 )
 from bench.load_procs import snapshot
 from bench.load_report import report
+from bench.report import cpu_probe_ms
 
 MAX_PEOPLE, MAX_SECONDS = 64, 600
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -113,6 +116,7 @@ async def watch_loop_lag(stats: RunStats) -> None:
 async def run_people(plan: Plan, own_cluster: bool) -> RunStats:
     stats = RunStats(plan.people)
     stats.loadavg = (Path("/proc/loadavg").read_text().split()[0], "")
+    probe = cpu_probe_ms()
     cpu0 = sum(os.times()[:2])
     watchers = [
         asyncio.create_task(sample_memory(stats, own_cluster, plan.start)),
@@ -134,6 +138,7 @@ async def run_people(plan: Plan, own_cluster: bool) -> RunStats:
     stats.crashes += [f"person: {t.exception()!r}" for t in done if t.exception() is not None]
     stats.crashes += [f"watcher: {t.exception()!r}" for t in watchers if not t.cancelled() and t.exception()]
     stats.loadavg = (stats.loadavg[0], Path("/proc/loadavg").read_text().split()[0])
+    stats.cpu_probe_ms = (probe, cpu_probe_ms())
     return stats
 
 

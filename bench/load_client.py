@@ -97,6 +97,7 @@ class RunStats:
     cpu_s: float = 0.0
     wall_s: float = 0.0
     loadavg: tuple[str, str] = ("", "")
+    cpu_probe_ms: tuple[float, float] = (0.0, 0.0)  # bench.report.cpu_probe_ms before and after the run
 
     def add_sample(self, at: float, processes: dict[int, Sample]) -> None:
         self.memory.append((at, sum(p.mb for p in processes.values())))

@@ -89,7 +89,8 @@ def details(s: RunStats) -> str:
     lag = f"p99 {pct_ms(s.loop_lag, 99)} ms, max {pct_ms(s.loop_lag, 100)} ms"
     return "\n    ".join(
         [
-            f"{s.people:>3} people: {s.wall_s:.0f} s; loadavg {s.loadavg[0]} → {s.loadavg[1]}",
+            f"{s.people:>3} people: {s.wall_s:.0f} s; loadavg {s.loadavg[0]} → {s.loadavg[1]}; cpu probe "
+            f"{s.cpu_probe_ms[0]:.1f} → {s.cpu_probe_ms[1]:.1f} ms",
             f"replies: {audio / max(len(s.reply_audio), 1):.1f} s of audio on average, streamed at {speed} "
             f"(first → last delta); {early} of {len(s.stall_starts)} underruns began in the first 0.5 s",
             f"turn ms split: speech_stopped → transcript p50/p95 {pct_ms(s.transcript_latency, 50)} / "

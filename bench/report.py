@@ -9,6 +9,8 @@ at widths fixed in advance, for runs that may be cut off (the GPU lease) or that
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -61,8 +63,28 @@ class StreamedTable:
         print("| " + " | ".join(padded) + " |", flush=True)
 
 
+PROBE_ITERATIONS = 1_000_000  # ~30 ms of one core
+
+
+def cpu_probe_ms(rounds: int = 5) -> float:
+    """How fast a core of this machine runs right now: the CPU milliseconds of this thread (not wall time,
+    so a busy machine's run queue does not count) for a fixed pure-Python loop, the median of `rounds`.
+
+    The same 2-vCPU VM read 0.65 s and 0.95-1.0 s for ten million of these additions a few hours apart
+    (2026-12-08), its engine frame step 14 and 22-30 ms, and every load result moved with it: a report
+    carries the reading, so that runs taken hours or VMs apart can be compared. Lower is faster."""
+    times = []
+    for _ in range(rounds):
+        start, total = time.thread_time(), 0
+        for i in range(PROBE_ITERATIONS):
+            total += i
+        times.append(time.thread_time() - start)
+    return 1000 * statistics.median(times)
+
+
 def machine_line() -> str:
-    """`# machine: <CPU model>, <cores> cores; torch threads per replica <CSM_TORCH_THREADS>`."""
+    """`# machine: <CPU model>, <cores> cores; torch threads per replica <CSM_TORCH_THREADS>; cpu probe
+    <ms>` (`cpu_probe_ms`, read now)."""
     model = next(
         (
             ln.split(":", 1)[1].strip()
@@ -73,5 +95,6 @@ def machine_line() -> str:
     )
     threads = os.environ.get("CSM_TORCH_THREADS", "1")
     return (
-        f"# machine: {model}, {os.cpu_count()} cores; torch threads per replica {threads} (CSM_TORCH_THREADS)"
+        f"# machine: {model}, {os.cpu_count()} cores; torch threads per replica {threads}"
+        f" (CSM_TORCH_THREADS); cpu probe {cpu_probe_ms():.1f} ms (bench/report.py: lower is faster)"
     )

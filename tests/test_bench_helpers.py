@@ -4,6 +4,7 @@ what every table's numbers go through, checked without starting anything."""
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from bench.launch import config_args, demo_config, http_base
 from bench.load_client import delta_samples, playback
 from bench.load_procs import process_name
 from bench.load_report import HEADER, table
-from bench.report import StreamedTable, markdown, ms, pct_ms, quantile
+from bench.report import StreamedTable, cpu_probe_ms, machine_line, markdown, ms, pct_ms, quantile
 from csm.audio import SAMPLE_RATE
 
 
@@ -54,6 +55,11 @@ def test_streamed_table_prints_as_it_goes(capsys):
     t.row(["a", "1.5"])
     t.row(["longer run", "2"])  # a long cell widens its own row only
     assert capsys.readouterr().out.splitlines() == ["| a     | 1.5  |", "| longer run | 2    |"]
+
+
+def test_every_report_says_how_fast_a_core_ran():
+    assert 0 < cpu_probe_ms(rounds=1) < 10_000
+    assert re.fullmatch(r"# machine: .+, \d+ cores; .+; cpu probe \d+\.\d ms \(.+\)", machine_line())
 
 
 def test_load_table_keeps_its_columns():
