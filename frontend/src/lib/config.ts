@@ -28,6 +28,7 @@
  * in with (signIn.ts). Signed in, the page's token is the access token; without `auth`, nothing changes.
  */
 
+import { isLoopback } from "./loopback";
 import { type AuthConfig, parseAuthConfig } from "./signIn";
 
 export interface EndpointSettings {
@@ -184,10 +185,6 @@ function sameEndpoint(a: URL, b: URL): boolean {
 /** ws:// is fine to this machine, or to the host that served the page over plain http anyway. */
 function plaintextAllowed(url: URL, location: LocationLike): boolean {
   return isLoopback(url.hostname) || (location.protocol === "http:" && url.hostname === location.hostname);
-}
-
-function isLoopback(hostname: string): boolean {
-  return hostname === "localhost" || hostname.endsWith(".localhost") || hostname === "[::1]" || /^127(\.\d{1,3}){3}$/.test(hostname);
 }
 
 /** The socket URL: browsers cannot set headers on a WebSocket, so the token travels in the query. */

@@ -18,6 +18,7 @@
  */
 
 import type { Timers } from "./connection";
+import { isLoopback } from "./loopback";
 import { base64ToBytes, bytesToBase64 } from "./pcm";
 
 export interface AuthConfig {
@@ -82,10 +83,6 @@ const RETRY_MS = 15_000; // a refresh that did not reach the service is tried ag
 const MIN_RETRY_MS = 1000;
 
 // ---- config.json's `auth` -------------------------------------------------------------------------
-
-function isLoopback(hostname: string): boolean {
-  return hostname === "localhost" || hostname === "[::1]" || /^127(\.\d{1,3}){3}$/.test(hostname);
-}
 
 /** config.json's `auth`, checked: an https origin (http only on loopback, for the local stand-in), a client id. */
 export function parseAuthConfig(value: unknown): AuthConfig | null {

@@ -112,6 +112,17 @@ describe("config.json and saved settings", () => {
     // Plain http only to this machine (the local stand-in); no scopes means just openid.
     const local = await loadConfigFile(respond(200, { auth: { domain: "http://127.0.0.1:9229", clientId: "local" } }));
     expect(local?.auth).toEqual({ domain: "http://127.0.0.1:9229", clientId: "local", scopes: ["openid"] });
+    // The same loopback names as the socket's ws:// (a localhost subdomain is this machine too), no others.
+    for (const domain of ["http://auth.localhost:9229", "http://[::1]:9229", "http://localhost:9229"]) {
+      expect((await loadConfigFile(respond(200, { auth: { domain, clientId: "local" } })))?.auth?.domain).toBe(domain);
+    }
+    const sub = "ws://auth.localhost:8000/v1/realtime";
+    expect(acceptEndpoint(sub, lanPage, [sub])).toBe(sub);
+    const warnAgain = vi.spyOn(console, "warn").mockImplementation(() => {});
+    for (const domain of ["http://localhost.example", "http://128.0.0.1"]) {
+      expect((await loadConfigFile(respond(200, { auth: { domain, clientId: "local" } })))?.auth).toBeUndefined();
+    }
+    warnAgain.mockRestore();
   });
 
   it("saves and loads settings; clearing both removes them", () => {
