@@ -100,6 +100,7 @@ def compose(app: cdk.App) -> dict[str, cdk.Stack]:
         functions=api.functions,
         head_service=cluster.head_service,
         worker_service=cluster.worker_service,
+        drain_dead_letters=cluster.drain.dead_letters,
         env=env,
     )
     stacks = [registry, network, storage, frontend, *([auth] if auth else []), api, cluster, page, monitoring]

@@ -986,8 +986,21 @@ def test_alarms_for_every_signal_go_to_the_topic(synth):
         ("ECS/ContainerInsights", "RunningTaskCount"),
         ("CSM/Serve", "GpuUtilization"),
         ("CSM/Serve", "QueuedRequests"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
     ):
         assert signal in watched, signal
+    # The SQS alarm watches the drain notices' dead-letter queue, not their live queue (which fills and
+    # empties as Spot notices come and go).
+    cluster = synth.templates["CsmCluster"]
+    dead_letters = next(
+        name
+        for name, queue in cluster.find_resources("AWS::SQS::Queue").items()
+        if "RedrivePolicy" not in queue["Properties"]
+    )
+    (sqs_alarm,) = [a for a in alarms if a["Properties"].get("Namespace") == "AWS/SQS"]
+    (dimension,) = sqs_alarm["Properties"]["Dimensions"]
+    assert dimension["Name"] == "QueueName"
+    assert exported_value(synth, dimension["Value"]) == {"Fn::GetAtt": [dead_letters, "QueueName"]}
     assert watched.count(("AWS/Lambda", "Errors")) == 4
     assert watched.count(("AWS/Lambda", "Throttles")) == 4
     topic = next(iter(monitoring.find_resources("AWS::SNS::Topic")))

@@ -9,6 +9,7 @@
 | GPU utilisation | the nodes' mean above 90% for 15 minutes: add nodes (`max_nodes`) |
 | Serve queue depth | requests waiting for a replica, 3 of 5 minutes |
 | the publisher itself | no load metrics for 10 minutes (the head, or its publisher, is down) |
+| drain notices | any in their dead-letter queue (a Spot notice not drained: nodes may stop undrained) |
 
 The topic is encrypted with a key of its own (CloudWatch must be allowed to use it, which the AWS
 managed SNS key does not allow) and refuses unencrypted publishing.
@@ -26,6 +27,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from csm_infra.cluster import CLUSTER_NAME, load_metric
@@ -47,6 +49,7 @@ class MonitoringStack(Stack):
         functions: dict[str, lambda_.IFunction],
         head_service: ecs.Ec2Service,
         worker_service: ecs.Ec2Service,
+        drain_dead_letters: sqs.IQueue,
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -131,6 +134,15 @@ class MonitoringStack(Stack):
             periods=10,
             comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
             missing=cloudwatch.TreatMissingData.BREACHING,
+        )
+        self._alarm(
+            "DrainNoticesDeadLettered",
+            drain_dead_letters.metric_approximate_number_of_messages_visible(
+                period=FIVE_MINUTES, statistic="Maximum"
+            ),
+            1,
+            "Spot interruption or rebalance notices went to the dead-letter queue (the head's drain handler"
+            " failed them, or EventBridge could not deliver them): nodes may stop without a drain",
         )
         self._dashboard(api_errors, integration_errors, functions, head_service, worker_service)
         CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn)
