@@ -116,7 +116,6 @@ async def watch_loop_lag(stats: RunStats) -> None:
 async def run_people(plan: Plan, own_cluster: bool) -> RunStats:
     stats = RunStats(plan.people)
     stats.loadavg = (Path("/proc/loadavg").read_text().split()[0], "")
-    probe = cpu_probe_ms()
     cpu0 = sum(os.times()[:2])
     watchers = [
         asyncio.create_task(sample_memory(stats, own_cluster, plan.start)),
@@ -138,7 +137,6 @@ async def run_people(plan: Plan, own_cluster: bool) -> RunStats:
     stats.crashes += [f"person: {t.exception()!r}" for t in done if t.exception() is not None]
     stats.crashes += [f"watcher: {t.exception()!r}" for t in watchers if not t.cancelled() and t.exception()]
     stats.loadavg = (stats.loadavg[0], Path("/proc/loadavg").read_text().split()[0])
-    stats.cpu_probe_ms = (probe, cpu_probe_ms())
     return stats
 
 
@@ -166,8 +164,10 @@ async def run_all(args: argparse.Namespace, url: str, own_cluster: bool, results
     print(f"warm-up turn: {await warm_up(connect_url, utterances[0]):.1f} s", flush=True)
     for n in args.people:
         await settle(base)
+        probe = cpu_probe_ms()  # read outside the run: the plan's clock starts after it
         plan = Plan(connect_url, n, args.seconds, args.ramp, utterances, time.perf_counter())
         stats = await run_people(plan, own_cluster)
+        stats.cpu_probe_ms = (probe, cpu_probe_ms())
         if await readyz(base) is None:
             stats.crashes.append("the app was not ready after the run (/readyz)")
         print(f"{n} people: done in {stats.wall_s:.0f} s", flush=True)
